@@ -1,0 +1,3 @@
+from llmopt.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""The llmopt command line: parses, calls the library, renders. Heavy imports stay inside commands."""

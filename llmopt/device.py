@@ -1,0 +1,44 @@
+"""The one place that asks torch about devices: backend choice, synchronisation, memory, description."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+import torch
+
+from llmopt.errors import InputError
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str  # "cuda" or "cpu"
+    name: str  # card name or CPU model
+    threads: int  # torch intra-op threads (CPU) or SM count (CUDA)
+
+
+def resolve_device(spec: str | None = None) -> torch.device:
+    """Turn a user's device string ("auto", "cpu", "cuda", "cuda:1") into a torch.device."""
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise InputError(f"Unknown device '{spec}'. Use 'auto', 'cpu' or 'cuda[:N]'.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device '{spec}' was asked for but no CUDA GPU is visible. Use --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"Device type '{device.type}' is not supported. Use 'cpu' or 'cuda[:N]'.")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe(device: torch.device) -> DeviceInfo:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return DeviceInfo("cuda", props.name, props.multi_processor_count)
+    return DeviceInfo("cpu", platform.processor() or platform.machine(), torch.get_num_threads())

@@ -1,0 +1,125 @@
+"""``quantize_checkpoint``: the whole ``llmopt quantize`` job as a library call."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from llmopt import __version__
+from llmopt.models import BUILTIN_MODELS, LoadSpec, load_model, resolve_model
+from llmopt.models.files import ModelFiles, hash_model
+from llmopt.quant.checkpoint import PROVENANCE_FILE, plan_quantization, write_quantized_checkpoint
+from llmopt.quant.quality import EvalSpec, QualityResult, evaluate_quality
+from llmopt.quant.schemes import QuantSpec
+from llmopt.quant.writer import atomic_output_dir, check_output_dir
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total); total 0 means unknown
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    out: Path | None = None  # default: ./<model>-<scheme>
+    force: bool = False  # replace an existing output
+    evaluate: bool = True  # measure quality against the source after writing
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantizeResult:
+    source: str
+    out: Path
+    scheme: str
+    group_size: int | None
+    head: str  # "int8" or "16-bit"
+    bytes_before: int
+    bytes_after: int
+    seconds_quantize: float
+    quality: QualityResult | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "out": str(self.out), "scheme": self.scheme, "group_size": self.group_size,
+            "head": self.head, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "ratio": self.ratio, "seconds_quantize": self.seconds_quantize,
+            "quality": self.quality.to_dict() if self.quality else None,
+        }
+
+
+def default_output(model_arg: str, scheme: str) -> Path:
+    label = model_arg if model_arg in BUILTIN_MODELS else Path(model_arg).resolve().name
+    return Path.cwd() / f"{label}-{scheme}"
+
+
+def quantize_checkpoint(model_arg: str, spec: QuantizeSpec, progress: Progress | None = None) -> QuantizeResult:
+    """Quantize a model directory (or built-in) into a new checkpoint directory, atomically.
+
+    Validates everything it can before writing; on any failure nothing is left at the output path.
+    """
+    say = progress or (lambda *_: None)
+    out = (spec.out or default_output(model_arg, spec.quant.scheme)).expanduser().absolute()
+    check_output_dir(out, spec.force)
+    files = resolve_model(model_arg, allow_pickle=spec.allow_pickle, progress=lambda m: say(m, 0, 0))
+    plan = plan_quantization(files, spec.quant, spec.trust_remote_code)
+    say("hashing source", 0, 0)
+    provenance = {
+        "llmopt_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": model_arg if model_arg in BUILTIN_MODELS else str(files.root.resolve()),
+        "source_path": str(files.root.resolve()),
+        "source_sha256": hash_model(files),
+        "scheme": spec.quant.scheme,
+        "group_size": plan.body.group_size,
+        "head": "16-bit" if plan.head is None else "int8",
+        "method": _method(spec.quant.scheme),
+    }
+    start = time.perf_counter()
+    with atomic_output_dir(out, spec.force) as tmp:
+        write_quantized_checkpoint(files, plan, tmp, provenance, progress=say)
+    seconds = time.perf_counter() - start
+    result = QuantizeResult(
+        source=provenance["source"], out=out, scheme=spec.quant.scheme, group_size=plan.body.group_size,
+        head=provenance["head"], bytes_before=files.weight_bytes, bytes_after=resolve_model(str(out)).weight_bytes,
+        seconds_quantize=seconds,
+    )
+    if spec.evaluate:
+        result.quality = evaluate_against_source(out, files, spec, say)
+        _record_quality(out, result.quality)
+    return result
+
+
+def _method(scheme: str) -> str:
+    if scheme == "int8":
+        return "round-to-nearest, per-output-channel absmax scale, symmetric"
+    return "group-wise asymmetric, integer zero point, per-group range search (least squared error)"
+
+
+def evaluate_against_source(out: Path, source: ModelFiles, spec: QuantizeSpec,
+                            progress: Progress | None = None) -> QualityResult:
+    """Load the written checkpoint through llmopt's own loader and score it against the fp32 source."""
+    load = LoadSpec(dtype="float32", device="cpu", trust_remote_code=spec.trust_remote_code,
+                    allow_pickle=spec.allow_pickle)
+    quantized = load_model(str(out), load)
+    reference = load_model(source, load)
+    return evaluate_quality(quantized.model, quantized.tokenizer, reference.model, spec.eval, progress)
+
+
+def _record_quality(out: Path, quality: QualityResult) -> None:
+    path = out / PROVENANCE_FILE
+    data = json.loads(path.read_text())
+    data["quality"] = quality.to_dict()
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

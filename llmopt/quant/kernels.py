@@ -1,0 +1,146 @@
+"""The dispatch point for low-bit matmuls: one kernel per QuantLinear, chosen once at load time.
+
+A kernel owns the weight layout it needs: ``prepare`` turns the checkpoint's integers and scales
+into the tensors it computes from (repacking as the op requires), ``matmul`` computes
+``x @ dequant(W).T`` from them with no host synchronisation, so the forward can be captured in a
+CUDA graph. Kernels are tried in priority order; later issues register faster ones ahead of these.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from llmopt.errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    scheme: str  # "int8" or "int4"
+    in_features: int
+    out_features: int
+    group_size: int | None  # int4 only
+
+
+class QuantKernel(ABC):
+    name: str  # the op that does the work, e.g. "aten._weight_int8pack_mm"
+    scheme: str
+
+    @abstractmethod
+    def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool: ...
+
+    @abstractmethod
+    def prepare(
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        shape: LayerShape,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> dict[str, torch.Tensor]:
+        """Repack checkpoint integers (int8 values, (N, K)) and scales into this kernel's buffers."""
+
+    @abstractmethod
+    def matmul(self, x: torch.Tensor, buffers: dict[str, torch.Tensor], shape: LayerShape) -> torch.Tensor:
+        """x (M, K) → (M, N) in x's dtype."""
+
+
+def _op_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    # torch's CPU low-bit ops are vectorised for bf16 activations only: fp32 runs ~10x slower than
+    # a plain fp32 matmul (measured, see BENCHMARKS.md). On CPU the op runs in bf16 and the result
+    # is cast back, so fp32 models keep fp32 everywhere else.
+    return torch.bfloat16 if device.type == "cpu" else dtype
+
+
+class AtenInt8Kernel(QuantKernel):
+    name = "aten._weight_int8pack_mm"
+    scheme = "int8"
+
+    def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
+        return shape.scheme == "int8" and device.type in ("cpu", "cuda")
+
+    def prepare(self, q, scale, zero_point, shape, device, dtype):
+        op_dtype = _op_dtype(device, dtype)
+        return {
+            "weight_int8": q.to(device=device, dtype=torch.int8).contiguous(),  # (N, K)
+            "scales": scale.reshape(-1).to(device=device, dtype=op_dtype).contiguous(),  # (N,)
+        }
+
+    def matmul(self, x, buffers, shape):
+        scales = buffers["scales"]
+        y = torch.ops.aten._weight_int8pack_mm(x.to(scales.dtype), buffers["weight_int8"], scales)
+        return y.to(x.dtype)
+
+
+class AtenInt4Kernel(QuantKernel):
+    """torch's tinygemm int4 kernels: ``w = (q_u - 8) * scale + zero`` with q_u in [0, 15].
+
+    From compressed-tensors' ``w = (q - zp) * scale`` with q = q_u - 8: zero = -zp * scale.
+    """
+
+    name = "aten._weight_int4pack_mm"
+    scheme = "int4"
+    inner_k_tiles = 8  # CUDA layout parameter; K must be a multiple of inner_k_tiles * 16
+
+    def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
+        if shape.scheme != "int4" or shape.group_size not in (32, 64, 128, 256):
+            return False
+        if device.type == "cpu":
+            return shape.in_features % 2 == 0
+        if device.type == "cuda":
+            return shape.in_features % (self.inner_k_tiles * 16) == 0 and shape.out_features % 8 == 0
+        return False
+
+    def prepare(self, q, scale, zero_point, shape, device, dtype):
+        if zero_point is None:
+            raise UnsupportedError("int4 checkpoints without zero points are not supported yet.")
+        op_dtype = _op_dtype(device, dtype) if device.type == "cpu" else torch.bfloat16
+        scale_f = scale.float()
+        zero = -zero_point.float() * scale_f
+        scales_and_zeros = torch.stack([scale_f, zero], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
+        q_u = (q.to(torch.int32) + 8).to(device)  # (N, K) in [0, 15]
+        if device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_u, 1)
+        else:
+            nibbles = q_u.to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(
+                (nibbles[:, ::2] << 4 | nibbles[:, 1::2]).contiguous(), self.inner_k_tiles
+            )
+        return {
+            "weight_int4": packed,
+            "scales_and_zeros": scales_and_zeros.to(device=device, dtype=op_dtype),
+        }
+
+    def matmul(self, x, buffers, shape):
+        sz = buffers["scales_and_zeros"]
+        xq = x.to(sz.dtype)
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xq, buffers["weight_int4"], shape.group_size, sz)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(xq, buffers["weight_int4"], shape.group_size, sz)
+        return y.to(x.dtype)
+
+
+_KERNELS: list[QuantKernel] = [AtenInt8Kernel(), AtenInt4Kernel()]
+
+
+def register_kernel(kernel: QuantKernel, *, first: bool = True) -> None:
+    """Add a kernel to the dispatch list (ahead of the built-in ones unless ``first=False``)."""
+    if first:
+        _KERNELS.insert(0, kernel)
+    else:
+        _KERNELS.append(kernel)
+
+
+def select_kernel(shape: LayerShape, device: torch.device, dtype: torch.dtype) -> QuantKernel:
+    """The first registered kernel that supports this layer on this device."""
+    for kernel in _KERNELS:
+        if kernel.supports(shape, device, dtype):
+            return kernel
+    raise UnsupportedError(
+        f"No {shape.scheme} kernel supports a {shape.out_features}x{shape.in_features} layer "
+        f"(group size {shape.group_size}) on {device.type}. Use --scheme int8 or another device."
+    )

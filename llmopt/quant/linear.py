@@ -1,0 +1,55 @@
+"""QuantLinear: a linear layer that holds only low-bit weights and scales (no 16-bit copy)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmopt.quant.kernels import LayerShape, QuantKernel, select_kernel
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(W).T + b`` computed by the kernel chosen once, at construction."""
+
+    def __init__(self, shape: LayerShape, kernel: QuantKernel, buffers: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.shape = shape
+        self.in_features = shape.in_features
+        self.out_features = shape.out_features
+        self.kernel = kernel
+        self._buffer_names = tuple(buffers)
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_quantized(
+        cls,
+        shape: LayerShape,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> QuantLinear:
+        """Build from checkpoint integers; the kernel is selected here, from device and shape."""
+        kernel = select_kernel(shape, device, dtype)
+        buffers = kernel.prepare(q, scale, zero_point, shape, device, dtype)
+        if bias is not None:
+            bias = bias.to(device=device, dtype=dtype)
+        return cls(shape, kernel, buffers, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        buffers = {name: getattr(self, name) for name in self._buffer_names}
+        y = self.kernel.matmul(x.reshape(-1, self.in_features), buffers, self.shape)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.shape.group_size}" if self.shape.group_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scheme={self.shape.scheme}{group}, kernel={self.kernel.name}")
