@@ -23,7 +23,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ModelArg = Annotated[str, typer.Argument(help="A local Hugging Face model directory or a built-in name.")]
 TrustRemoteCode = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code to run (off by default).")
+    bool,
+    typer.Option("--trust-remote-code", help="Allow the model's own Python code to run (off by default)."),
 ]
 AllowPickle = Annotated[
     bool, typer.Option("--allow-pickle", help="Read pickle .bin checkpoints (with weights_only=True).")
@@ -67,8 +68,14 @@ def progress_reporter(enabled: bool = True) -> Iterator[Callable[[str, int, int]
 
         yield plain
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=False) as bars:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as bars:
         tasks: dict[str, TaskID] = {}
 
         def draw(stage: str, done: int, total: int) -> None:

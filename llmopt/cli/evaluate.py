@@ -26,7 +26,9 @@ def evaluate(
     model: ModelArg = "smollm2-135m",
     reference: Annotated[
         str | None,
-        typer.Option(help="Reference model for KL and top-1 agreement (default: a quantized model's source)."),
+        typer.Option(
+            help="Reference model for KL and top-1 agreement (default: a quantized model's source)."
+        ),
     ] = None,
     text: TextFile = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens of the text to score.")] = 16_384,
@@ -44,14 +46,18 @@ def evaluate(
     from llmopt.quant.quality import EvalSpec, evaluate_quality
 
     spec = EvalSpec(text_path=text, max_tokens=max_tokens, window=window)
-    load = LoadSpec(dtype="float32", device="cpu", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    load = LoadSpec(
+        dtype="float32", device="cpu", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     with progress_reporter() as progress:
         candidate = load_model(model, load, progress=lambda m: progress(m, 0, 0))
         if reference is None and (source := read_provenance(candidate.path).get("source")):
             reference = source
             err.print(f"reference: {source} (the quantized model's source)", highlight=False)
         ref = load_model(reference, load) if reference else None
-        result = evaluate_quality(candidate.model, candidate.tokenizer, ref.model if ref else None, spec, progress)
+        result = evaluate_quality(
+            candidate.model, candidate.tokenizer, ref.model if ref else None, spec, progress
+        )
     if as_json:
         typer.echo(json.dumps({"model": model, "reference": reference, **result.to_dict()}, indent=2))
         return

@@ -1,4 +1,4 @@
-"""Commands whose capability later issues build. Each says so plainly and exits non-zero; none fakes a result."""
+"""Commands that later issues build. Each says so plainly and exits non-zero; none fakes a result."""
 
 from __future__ import annotations
 

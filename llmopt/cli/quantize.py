@@ -28,10 +28,13 @@ def quantize(
     model: ModelArg = "smollm2-135m",
     scheme: Annotated[str, typer.Option(help="int8 (per-channel) or int4 (group-wise).")] = "int8",
     group_size: Annotated[
-        int | None, typer.Option(help="int4 group size (32/64/128/256); default: largest of 128/64/32 that fits.")
+        int | None,
+        typer.Option(help="int4 group size (32/64/128/256); default: largest of 128/64/32 that fits."),
     ] = None,
     keep_head: Annotated[bool, typer.Option("--keep-head", help="Leave lm_head in 16-bit.")] = False,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory (default ./MODEL-SCHEME).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output directory (default ./MODEL-SCHEME).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the quality evaluation.")] = False,
     text: TextFile = None,
@@ -49,8 +52,12 @@ def quantize(
 
     spec = QuantizeSpec(
         quant=QuantSpec(scheme=scheme, group_size=group_size, keep_head=keep_head),
-        out=out_dir, force=force, evaluate=not no_eval, eval=EvalSpec(text_path=text),
-        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        out=out_dir,
+        force=force,
+        evaluate=not no_eval,
+        eval=EvalSpec(text_path=text),
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
     )
     with progress_reporter() as progress:
         result = quantize_checkpoint(model, spec, progress)
@@ -69,7 +76,9 @@ def quantize(
     table.add_row("Quantize time", f"{result.seconds_quantize:.1f} s")
     q = result.quality
     if q is not None:
-        table.add_row("Perplexity (reference → quantized)", f"{q.reference_perplexity:.3f} → {q.perplexity:.3f}")
+        table.add_row(
+            "Perplexity (reference → quantized)", f"{q.reference_perplexity:.3f} → {q.perplexity:.3f}"
+        )
         table.add_row("Perplexity increase", f"{q.perplexity_increase_pct:+.2f}%")
         table.add_row("KL(reference ‖ quantized), mean", f"{q.kl_mean_nats:.5f} nats")
         table.add_row("Top-1 agreement", f"{100 * (q.top1_agreement or 0):.2f}%")

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -69,7 +70,7 @@ def _build_smollm2(out: Path, progress: Progress) -> None:
     folder = _smollm2_gguf_dir()
     progress(f"converting {SMOLLM2_GGUF} (4-bit GGUF) into a bf16 safetensors folder, once")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # The GGUF loader records itself as a quantization method; the saved folder is plain weights.
     del model.config.quantization_config
     model.hf_quantizer = None
@@ -106,9 +107,9 @@ def _build_tiny_random(out: Path, progress: Progress) -> None:
     progress("building tiny-random (seeded random Llama)")
     smol = _smollm2_gguf_dir()
     tokenizer = AutoTokenizer.from_pretrained(smol, gguf_file=SMOLLM2_GGUF)
-    config = LlamaConfig(**TINY_CONFIG)
+    config = LlamaConfig(**TINY_CONFIG)  # type: ignore[arg-type]
     torch.manual_seed(TINY_SEED)
-    model = LlamaForCausalLM(config)
+    model: Any = LlamaForCausalLM(config)
     with torch.no_grad():  # norm weights other than 1 so a missed norm shows up in tests
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -132,7 +133,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         _smollm2_version,
     ),
     "tiny-random": BuiltinModel(
-        "tiny-random", "2-layer random Llama (hidden 64) with smollm2's tokenizer, for tests", _build_tiny_random,
+        "tiny-random",
+        "2-layer random Llama (hidden 64) with smollm2's tokenizer, for tests",
+        _build_tiny_random,
         _tiny_version,
     ),
 }

@@ -54,7 +54,9 @@ def inspect_model_dir(path: Path, *, allow_pickle: bool = False) -> ModelFiles:
             "or a built-in model name (run `llmopt models` to list them)."
         )
     if not path.is_dir():
-        raise InvalidModelError(f"'{path}' is a file. Pass the directory that holds config.json and the weights.")
+        raise InvalidModelError(
+            f"'{path}' is a file. Pass the directory that holds config.json and the weights."
+        )
     config_path = path / "config.json"
     if not config_path.is_file():
         raise InvalidModelError(
@@ -64,7 +66,9 @@ def inspect_model_dir(path: Path, *, allow_pickle: bool = False) -> ModelFiles:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidModelError(f"'{config_path}' is not valid JSON ({exc}). Restore or re-save the model.") from exc
+        raise InvalidModelError(
+            f"'{config_path}' is not valid JSON ({exc}). Restore or re-save the model."
+        ) from exc
     if not isinstance(config, dict):
         raise InvalidModelError(f"'{config_path}' does not hold a JSON object. Restore or re-save the model.")
 
@@ -82,7 +86,9 @@ def inspect_model_dir(path: Path, *, allow_pickle: bool = False) -> ModelFiles:
                 "Convert it to safetensors, or pass --allow-pickle to read it with weights_only=True."
             )
         return ModelFiles(path, config, tuple(pickles), pickle=True)
-    raise InvalidModelError(f"'{path}' has a config.json but no weights (*.safetensors). Copy the weight files in.")
+    raise InvalidModelError(
+        f"'{path}' has a config.json but no weights (*.safetensors). Copy the weight files in."
+    )
 
 
 def _indexed_files(path: Path, index_name: str) -> list[Path]:
@@ -92,12 +98,15 @@ def _indexed_files(path: Path, index_name: str) -> list[Path]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InvalidModelError(f"'{index_path}' is not a valid weight index ({exc}). Re-save the model.") from exc
+        raise InvalidModelError(
+            f"'{index_path}' is not a valid weight index ({exc}). Re-save the model."
+        ) from exc
     names = sorted(set(weight_map.values()))
     missing = [n for n in names if not (path / n).is_file()]
     if missing:
         raise InvalidModelError(
-            f"'{index_path}' lists shard(s) that are missing: {', '.join(missing)}. Copy the missing files in."
+            f"'{index_path}' lists shard(s) that are missing: {', '.join(missing)}. "
+            "Copy the missing files in."
         )
     return [path / n for n in names]
 

@@ -13,8 +13,14 @@ from llmopt.errors import InputError, InvalidModelError
 from llmopt.models.builtin import BUILTIN_MODELS, Progress, materialize_builtin
 from llmopt.models.files import ModelFiles, inspect_model_dir
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,9 @@ def resolve_dtype(name: str, files: ModelFiles, device: torch.device) -> torch.d
     return DTYPES[name]
 
 
-def load_model(arg: str | ModelFiles, spec: LoadSpec | None = None, progress: Progress | None = None) -> LoadedModel:
+def load_model(
+    arg: str | ModelFiles, spec: LoadSpec | None = None, progress: Progress | None = None
+) -> LoadedModel:
     """Load a model for inference (eval mode, no grad). Quantized llmopt checkpoints load into
     QuantLinear modules that hold only the packed weights and scales."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,17 +72,25 @@ def load_model(arg: str | ModelFiles, spec: LoadSpec | None = None, progress: Pr
 
     hf_logging.disable_progress_bar()  # llmopt reports progress itself; stderr stays readable
     spec = spec or LoadSpec()
-    files = arg if isinstance(arg, ModelFiles) else resolve_model(arg, allow_pickle=spec.allow_pickle, progress=progress)
+    files = (
+        arg
+        if isinstance(arg, ModelFiles)
+        else resolve_model(arg, allow_pickle=spec.allow_pickle, progress=progress)
+    )
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, files, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(files.root, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise InvalidModelError(f"Cannot load the tokenizer of '{files.root}' ({exc}). Copy its tokenizer files in.") from exc
+        raise InvalidModelError(
+            f"Cannot load the tokenizer of '{files.root}' ({exc}). Copy its tokenizer files in."
+        ) from exc
     if files.is_llmopt_quantized:
         from llmopt.quant.checkpoint import load_quantized_model
 
-        model = load_quantized_model(files, device=device, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+        model: Any = load_quantized_model(
+            files, device=device, dtype=dtype, trust_remote_code=spec.trust_remote_code
+        )
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(

@@ -51,9 +51,15 @@ class QuantizeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source, "out": str(self.out), "scheme": self.scheme, "group_size": self.group_size,
-            "head": self.head, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
-            "ratio": self.ratio, "seconds_quantize": self.seconds_quantize,
+            "source": self.source,
+            "out": str(self.out),
+            "scheme": self.scheme,
+            "group_size": self.group_size,
+            "head": self.head,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "ratio": self.ratio,
+            "seconds_quantize": self.seconds_quantize,
             "quality": self.quality.to_dict() if self.quality else None,
         }
 
@@ -63,7 +69,9 @@ def default_output(model_arg: str, scheme: str) -> Path:
     return Path.cwd() / f"{label}-{scheme}"
 
 
-def quantize_checkpoint(model_arg: str, spec: QuantizeSpec, progress: Progress | None = None) -> QuantizeResult:
+def quantize_checkpoint(
+    model_arg: str, spec: QuantizeSpec, progress: Progress | None = None
+) -> QuantizeResult:
     """Quantize a model directory (or built-in) into a new checkpoint directory, atomically.
 
     Validates everything it can before writing; on any failure nothing is left at the output path.
@@ -74,7 +82,7 @@ def quantize_checkpoint(model_arg: str, spec: QuantizeSpec, progress: Progress |
     files = resolve_model(model_arg, allow_pickle=spec.allow_pickle, progress=lambda m: say(m, 0, 0))
     plan = plan_quantization(files, spec.quant, spec.trust_remote_code)
     say("hashing source", 0, 0)
-    provenance = {
+    provenance: dict[str, Any] = {
         "llmopt_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": model_arg if model_arg in BUILTIN_MODELS else str(files.root.resolve()),
@@ -90,8 +98,13 @@ def quantize_checkpoint(model_arg: str, spec: QuantizeSpec, progress: Progress |
         write_quantized_checkpoint(files, plan, tmp, provenance, progress=say)
     seconds = time.perf_counter() - start
     result = QuantizeResult(
-        source=provenance["source"], out=out, scheme=spec.quant.scheme, group_size=plan.body.group_size,
-        head=provenance["head"], bytes_before=files.weight_bytes, bytes_after=resolve_model(str(out)).weight_bytes,
+        source=provenance["source"],
+        out=out,
+        scheme=spec.quant.scheme,
+        group_size=plan.body.group_size,
+        head=provenance["head"],
+        bytes_before=files.weight_bytes,
+        bytes_after=resolve_model(str(out)).weight_bytes,
         seconds_quantize=seconds,
     )
     if spec.evaluate:
@@ -106,11 +119,16 @@ def _method(scheme: str) -> str:
     return "group-wise asymmetric, integer zero point, per-group range search (least squared error)"
 
 
-def evaluate_against_source(out: Path, source: ModelFiles, spec: QuantizeSpec,
-                            progress: Progress | None = None) -> QualityResult:
+def evaluate_against_source(
+    out: Path, source: ModelFiles, spec: QuantizeSpec, progress: Progress | None = None
+) -> QualityResult:
     """Load the written checkpoint through llmopt's own loader and score it against the fp32 source."""
-    load = LoadSpec(dtype="float32", device="cpu", trust_remote_code=spec.trust_remote_code,
-                    allow_pickle=spec.allow_pickle)
+    load = LoadSpec(
+        dtype="float32",
+        device="cpu",
+        trust_remote_code=spec.trust_remote_code,
+        allow_pickle=spec.allow_pickle,
+    )
     quantized = load_model(str(out), load)
     reference = load_model(source, load)
     return evaluate_quality(quantized.model, quantized.tokenizer, reference.model, spec.eval, progress)

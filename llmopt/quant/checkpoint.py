@@ -45,7 +45,7 @@ class QuantPlan:
     ignore: list[str] = field(default_factory=list)
 
 
-def build_empty_model(config: Any, trust_remote_code: bool, dtype: torch.dtype | None = None) -> nn.Module:
+def build_empty_model(config: Any, trust_remote_code: bool, dtype: torch.dtype | None = None) -> Any:
     """The model's modules with parameters on the meta device (buffers such as rotary tables stay real)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -63,7 +63,9 @@ def load_config(files: ModelFiles, trust_remote_code: bool) -> Any:
     try:
         config = AutoConfig.from_pretrained(files.root, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as exc:
-        raise InvalidModelError(f"'{files.root}/config.json' is not a config transformers understands ({exc}).") from exc
+        raise InvalidModelError(
+            f"'{files.root}/config.json' is not a config transformers understands ({exc})."
+        ) from exc
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # llmopt reads it itself; transformers must not act on it
     return config
@@ -73,13 +75,17 @@ def _module_name(model: nn.Module, target: nn.Module | None) -> str:
     for name, module in model.named_modules():
         if module is target:
             return name
-    raise UnsupportedError("This model has no input/output embedding llmopt can find; it cannot be quantized.")
+    raise UnsupportedError(
+        "This model has no input/output embedding llmopt can find; it cannot be quantized."
+    )
 
 
 def plan_quantization(files: ModelFiles, spec: QuantSpec, trust_remote_code: bool = False) -> QuantPlan:
     """Decide, from config and tensor names only, what each linear layer becomes."""
     if files.is_llmopt_quantized or (files.config.get("quantization_config") or {}):
-        raise UnsupportedError(f"'{files.root}' is already quantized. Quantize the original 16-bit model instead.")
+        raise UnsupportedError(
+            f"'{files.root}' is already quantized. Quantize the original 16-bit model instead."
+        )
     config = load_config(files, trust_remote_code)
     model = build_empty_model(config, trust_remote_code)
     head_name = _module_name(model, model.get_output_embeddings())
@@ -102,8 +108,16 @@ def plan_quantization(files: ModelFiles, spec: QuantSpec, trust_remote_code: boo
     layers = {n: body for n in body_names}
     if head is not None:
         layers[head_name] = head
-    return QuantPlan(layers, linears, body, head, head_name, embed_name, head_tied,
-                     ignore=[head_name] if head is None else [])
+    return QuantPlan(
+        layers,
+        linears,
+        body,
+        head,
+        head_name,
+        embed_name,
+        head_tied,
+        ignore=[head_name] if head is None else [],
+    )
 
 
 def _quantized_tensors(name: str, weight: torch.Tensor, layer: LayerQuant) -> dict[str, torch.Tensor]:
@@ -120,8 +134,14 @@ def _quantized_tensors(name: str, weight: torch.Tensor, layer: LayerQuant) -> di
     return {f"{name}.{k}": v for k, v in out.items()}
 
 
-def write_quantized_checkpoint(files: ModelFiles, plan: QuantPlan, out: Path, provenance: dict[str, Any],
-                               progress: Progress | None = None, max_shard_bytes: int | None = None) -> int:
+def write_quantized_checkpoint(
+    files: ModelFiles,
+    plan: QuantPlan,
+    out: Path,
+    provenance: dict[str, Any],
+    progress: Progress | None = None,
+    max_shard_bytes: int | None = None,
+) -> int:
     """Stream the source through the plan into ``out`` (an empty directory). Returns weight bytes written."""
     say = progress or (lambda *_: None)
     writer = ShardWriter(out, max_shard_bytes) if max_shard_bytes else ShardWriter(out)
@@ -141,7 +161,9 @@ def write_quantized_checkpoint(files: ModelFiles, plan: QuantPlan, out: Path, pr
     writer.finish()
 
     config = dict(files.config)
-    config["quantization_config"] = build_quantization_config(plan.body, plan.head, plan.head_name, plan.ignore)
+    config["quantization_config"] = build_quantization_config(
+        plan.body, plan.head, plan.head_name, plan.ignore
+    )
     if plan.head_tied and plan.head is not None:
         config["tie_word_embeddings"] = False  # the head is now its own (int8) tensor
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -160,8 +182,9 @@ def read_provenance(root: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def load_quantized_model(files: ModelFiles, device: torch.device, dtype: torch.dtype,
-                         trust_remote_code: bool = False) -> nn.Module:
+def load_quantized_model(
+    files: ModelFiles, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+) -> nn.Module:
     """Build the model with QuantLinear modules in place of quantized linears, then load the rest."""
     qconfig = files.config["quantization_config"]
     config = load_config(files, trust_remote_code)
@@ -177,11 +200,18 @@ def load_quantized_model(files: ModelFiles, device: torch.device, dtype: torch.d
     missing = [k for k, v in model.state_dict().items() if v.is_meta and k not in state]
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied:
-        missing = [k for k in missing if not k.startswith(_module_name(model, model.get_output_embeddings()) + ".")]
+        missing = [
+            k for k in missing if not k.startswith(_module_name(model, model.get_output_embeddings()) + ".")
+        ]
     if missing:
-        raise InvalidModelError(f"'{files.root}' lacks tensors the model needs (e.g. '{missing[0]}'). Re-quantize it.")
-    rest = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
-            if k in model.state_dict()}
+        raise InvalidModelError(
+            f"'{files.root}' lacks tensors the model needs (e.g. '{missing[0]}'). Re-quantize it."
+        )
+    rest = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        for k, v in state.items()
+        if k in model.state_dict()
+    }
     model.load_state_dict(rest, strict=False, assign=True)
     if tied:
         model.tie_weights()
@@ -189,8 +219,14 @@ def load_quantized_model(files: ModelFiles, device: torch.device, dtype: torch.d
     return model
 
 
-def _quant_linear(name: str, module: nn.Linear, layer: LayerQuant, state: dict[str, torch.Tensor],
-                  device: torch.device, dtype: torch.dtype) -> QuantLinear:
+def _quant_linear(
+    name: str,
+    module: nn.Linear,
+    layer: LayerQuant,
+    state: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> QuantLinear:
     n, k = module.out_features, module.in_features
     stored_shape = [int(v) for v in state.pop(f"{name}.weight_shape").tolist()]
     if stored_shape != [n, k]:
@@ -198,7 +234,9 @@ def _quant_linear(name: str, module: nn.Linear, layer: LayerQuant, state: dict[s
     q = unpack_int32(state.pop(f"{name}.weight_packed"), layer.bits, k)
     scale = state.pop(f"{name}.weight_scale")
     zp_packed = state.pop(f"{name}.weight_zero_point", None)
-    zero_point = unpack_int32(zp_packed.T.contiguous(), 4, n).T.contiguous() if zp_packed is not None else None
+    zero_point = (
+        unpack_int32(zp_packed.T.contiguous(), 4, n).T.contiguous() if zp_packed is not None else None
+    )
     shape = LayerShape(layer.scheme, k, n, layer.group_size)
     bias = state.pop(f"{name}.bias", None)
     return QuantLinear.from_quantized(shape, q, scale, zero_point, bias, device, dtype)

@@ -44,15 +44,26 @@ def _weights_args(layer: LayerQuant) -> dict[str, Any]:
     }
 
 
-def build_quantization_config(body: LayerQuant, head: LayerQuant | None, head_name: str,
-                              ignore: list[str]) -> dict[str, Any]:
+def build_quantization_config(
+    body: LayerQuant, head: LayerQuant | None, head_name: str, ignore: list[str]
+) -> dict[str, Any]:
     """One group for the body's linears; a second, by exact name, for the head when it differs."""
     groups: dict[str, Any] = {}
     if head is not None and head != body:
-        groups["group_0"] = {"targets": [head_name], "weights": _weights_args(head), "input_activations": None,
-                             "output_activations": None, "format": FORMAT}
-    groups[f"group_{len(groups)}"] = {"targets": ["Linear"], "weights": _weights_args(body),
-                                      "input_activations": None, "output_activations": None, "format": FORMAT}
+        groups["group_0"] = {
+            "targets": [head_name],
+            "weights": _weights_args(head),
+            "input_activations": None,
+            "output_activations": None,
+            "format": FORMAT,
+        }
+    groups[f"group_{len(groups)}"] = {
+        "targets": ["Linear"],
+        "weights": _weights_args(body),
+        "input_activations": None,
+        "output_activations": None,
+        "format": FORMAT,
+    }
     return {
         "quant_method": "compressed-tensors",
         "format": FORMAT,
@@ -76,7 +87,9 @@ def layer_quant_for(config: dict[str, Any], module_name: str) -> LayerQuant | No
         try:
             layer = LayerQuant(bits=int(weights["num_bits"]), group_size=weights.get("group_size"))
         except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidModelError(f"quantization_config has a group without valid weights args ({exc}).") from exc
+            raise InvalidModelError(
+                f"quantization_config has a group without valid weights args ({exc})."
+            ) from exc
         if weights.get("type", "int") != "int" or layer.bits not in (4, 8):
             raise InvalidModelError(
                 f"quantization_config asks for {weights.get('type')} {layer.bits}-bit weights; "

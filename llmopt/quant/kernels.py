@@ -8,6 +8,7 @@ CUDA graph. Kernels are tried in priority order; later issues register faster on
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -83,15 +84,18 @@ class AtenInt4Kernel(QuantKernel):
 
     name = "aten._weight_int4pack_mm"
     scheme = "int4"
-    inner_k_tiles = 8  # CUDA layout parameter; K must be a multiple of inner_k_tiles * 16
+    inner_k_tile_choices = (8, 4, 2)  # CUDA layout parameter; K must be a multiple of inner_k_tiles * 16
+
+    def _inner_k_tiles(self, in_features: int) -> int | None:
+        return next((t for t in self.inner_k_tile_choices if in_features % (t * 16) == 0), None)
 
     def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
         if shape.scheme != "int4" or shape.group_size not in (32, 64, 128, 256):
             return False
         if device.type == "cpu":
-            return shape.in_features % 2 == 0
+            return shape.in_features % 2 == 0 and shape.out_features % 16 == 0
         if device.type == "cuda":
-            return shape.in_features % (self.inner_k_tiles * 16) == 0 and shape.out_features % 8 == 0
+            return self._inner_k_tiles(shape.in_features) is not None and shape.out_features % 8 == 0
         return False
 
     def prepare(self, q, scale, zero_point, shape, device, dtype):
@@ -107,7 +111,7 @@ class AtenInt4Kernel(QuantKernel):
         else:
             nibbles = q_u.to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(
-                (nibbles[:, ::2] << 4 | nibbles[:, 1::2]).contiguous(), self.inner_k_tiles
+                (nibbles[:, ::2] << 4 | nibbles[:, 1::2]).contiguous(), self._inner_k_tiles(shape.in_features)
             )
         return {
             "weight_int4": packed,
@@ -124,6 +128,37 @@ class AtenInt4Kernel(QuantKernel):
         return y.to(x.dtype)
 
 
+class DequantFallbackKernel(QuantKernel):
+    """Correct for any shape, but slow: rebuilds the float weight on every call. Used only where no
+    real kernel fits (a warning says so at load time); it keeps the integers, not a float copy."""
+
+    name = "llmopt.dequantize_then_matmul"
+    scheme = "any"
+
+    def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
+        return True
+
+    def prepare(self, q, scale, zero_point, shape, device, dtype):
+        buffers = {
+            "weight_int": q.to(device=device, dtype=torch.int8),
+            "scale": scale.to(device=device, dtype=dtype),
+        }
+        if zero_point is not None:
+            buffers["zero_point"] = zero_point.to(device=device, dtype=torch.int8)
+        return buffers
+
+    def matmul(self, x, buffers, shape):
+        q, scale = buffers["weight_int"], buffers["scale"]
+        n, k = q.shape
+        group = shape.group_size or k
+        qg = q.view(n, k // group, group).to(x.dtype)
+        if "zero_point" in buffers:
+            qg = qg - buffers["zero_point"].to(x.dtype).unsqueeze(-1)
+        weight = (qg * scale.to(x.dtype).reshape(n, -1, 1)).reshape(n, k)
+        return x @ weight.T
+
+
+_FALLBACK = DequantFallbackKernel()
 _KERNELS: list[QuantKernel] = [AtenInt8Kernel(), AtenInt4Kernel()]
 
 
@@ -140,7 +175,9 @@ def select_kernel(shape: LayerShape, device: torch.device, dtype: torch.dtype) -
     for kernel in _KERNELS:
         if kernel.supports(shape, device, dtype):
             return kernel
-    raise UnsupportedError(
-        f"No {shape.scheme} kernel supports a {shape.out_features}x{shape.in_features} layer "
-        f"(group size {shape.group_size}) on {device.type}. Use --scheme int8 or another device."
+    warnings.warn(
+        f"No fast {shape.scheme} kernel fits a {shape.out_features}x{shape.in_features} layer "
+        f"(group size {shape.group_size}) on {device.type}; it runs through the slow {_FALLBACK.name}.",
+        stacklevel=3,
     )
+    return _FALLBACK

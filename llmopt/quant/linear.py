@@ -11,8 +11,13 @@ from llmopt.quant.kernels import LayerShape, QuantKernel, select_kernel
 class QuantLinear(nn.Module):
     """``y = x @ dequant(W).T + b`` computed by the kernel chosen once, at construction."""
 
-    def __init__(self, shape: LayerShape, kernel: QuantKernel, buffers: dict[str, torch.Tensor],
-                 bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        shape: LayerShape,
+        kernel: QuantKernel,
+        buffers: dict[str, torch.Tensor],
+        bias: torch.Tensor | None,
+    ) -> None:
         super().__init__()
         self.shape = shape
         self.in_features = shape.in_features
@@ -51,5 +56,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.shape.group_size}" if self.shape.group_size else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scheme={self.shape.scheme}{group}, kernel={self.kernel.name}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"scheme={self.shape.scheme}{group}, kernel={self.kernel.name}"
+        )

@@ -22,7 +22,7 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     u = F.pad(u, (0, words * per_word - cols))
     if bits == 4:
         u = u[:, 0::2] | (u[:, 1::2] << 4)
-    return u.contiguous().view(torch.int32).reshape(rows, words)
+    return u.contiguous().reshape(-1).view(torch.int32).reshape(rows, words)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
@@ -30,7 +30,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     if bits not in (4, 8):
         raise ValueError(f"only 4- and 8-bit packing is supported, not {bits}")
     rows = packed.shape[0]
-    u = packed.contiguous().view(torch.uint8).reshape(rows, -1)
+    u = packed.contiguous().reshape(-1).view(torch.uint8).reshape(rows, -1)
     if bits == 4:
         u = torch.stack([u & 0xF, u >> 4], dim=-1).reshape(rows, -1)
     return (u[:, :cols].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)

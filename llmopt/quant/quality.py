@@ -87,8 +87,13 @@ def _window_logprobs(model: Any, window: torch.Tensor, device: torch.device) -> 
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
-def evaluate_quality(model: Any, tokenizer: Any, reference: Any | None = None, spec: EvalSpec | None = None,
-                     progress: Progress | None = None) -> QualityResult:
+def evaluate_quality(
+    model: Any,
+    tokenizer: Any,
+    reference: Any | None = None,
+    spec: EvalSpec | None = None,
+    progress: Progress | None = None,
+) -> QualityResult:
     """Score ``model`` (and ``reference``, if given) window by window; see the module docstring."""
     spec = spec or EvalSpec()
     say = progress or (lambda *_: None)
@@ -97,7 +102,7 @@ def evaluate_quality(model: Any, tokenizer: Any, reference: Any | None = None, s
     device = next(model.parameters()).device
     ref_device = next(reference.parameters()).device if reference is not None else device
     nll = ref_nll = kl = 0.0
-    agree = 0
+    agree = 0.0
     scored = 0
     for i, window in enumerate(windows):
         targets = window[1:].unsqueeze(-1)  # (T-1, 1)
@@ -107,10 +112,12 @@ def evaluate_quality(model: Any, tokenizer: Any, reference: Any | None = None, s
             ref_logp = _window_logprobs(reference, window, ref_device)
             ref_nll -= ref_logp.gather(-1, targets).sum().item()
             kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
-            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            agree += float((ref_logp.argmax(-1) == logp.argmax(-1)).sum().item())
         scored += targets.shape[0]
         say("evaluating", i + 1, len(windows))
-    result = QualityResult(text=label, tokens_scored=scored, windows=len(windows), perplexity=math.exp(nll / scored))
+    result = QualityResult(
+        text=label, tokens_scored=scored, windows=len(windows), perplexity=math.exp(nll / scored)
+    )
     if reference is not None:
         result.reference_perplexity = math.exp(ref_nll / scored)
         result.perplexity_increase_pct = 100.0 * (result.perplexity / result.reference_perplexity - 1.0)

@@ -116,7 +116,9 @@ def quantize_int4(
     return q, best_scale, best_zp
 
 
-def _int4_params(lo: torch.Tensor, hi: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _int4_params(
+    lo: torch.Tensor, hi: torch.Tensor, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((hi - lo) / 15.0).clamp(min=1e-10).to(scale_dtype)
     zp = (-8.0 - torch.round(lo / scale.float())).clamp(-8, 7)
     return scale, zp
@@ -126,7 +128,9 @@ def _int4_round(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch
     return (torch.round(w / scale.float().unsqueeze(-1)) + zp.unsqueeze(-1)).clamp(-8, 7)
 
 
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize_int4(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int
+) -> torch.Tensor:
     n, k = q.shape
     qg = q.float().reshape(n, k // group_size, group_size)
     return ((qg - zero_point.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)).reshape(n, k)

@@ -6,12 +6,14 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from llmopt.errors import OutputError
@@ -40,7 +42,11 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.folder / f"shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self._pending, str(path), metadata={"format": "pt"})
+        except SafetensorError as exc:  # its I/O failures are not OSError; recover the errno for the message
+            found = re.search(r"os error (\d+)", str(exc))
+            raise OSError(int(found.group(1)) if found else errno.EIO, str(exc)) from exc
         self._shards.append((path, list(self._pending)))
         self._pending = {}
         self._pending_bytes = 0
@@ -69,12 +75,16 @@ class ShardWriter:
 def check_output_dir(out: Path, force: bool) -> None:
     """Refuse early, before any work, an output that exists without --force or cannot be written."""
     if out.exists() and not force:
-        raise OutputError(f"Output '{out}' already exists. Pass --force to replace it, or choose another --out.")
+        raise OutputError(
+            f"Output '{out}' already exists. Pass --force to replace it, or choose another --out."
+        )
     if out.exists() and not out.is_dir():
         raise OutputError(f"Output '{out}' exists and is not a directory. Choose another --out.")
     parent = out.parent
     if not parent.is_dir():
-        raise OutputError(f"The folder '{parent}' for the output does not exist. Create it or choose another --out.")
+        raise OutputError(
+            f"The folder '{parent}' for the output does not exist. Create it or choose another --out."
+        )
 
 
 @contextlib.contextmanager
@@ -106,7 +116,11 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
 
 def _output_error(out: Path, exc: OSError) -> OutputError:
     if exc.errno == errno.ENOSPC:
-        return OutputError(f"No space left on the device holding '{out.parent}'. Free space or choose another --out.")
+        return OutputError(
+            f"No space left on the device holding '{out.parent}'. Free space or choose another --out."
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"Cannot write to '{out.parent}' ({exc.strerror}). Choose a writable --out.")
-    return OutputError(f"Writing '{out}' failed: {exc}. Nothing was left behind; check the location and retry.")
+    return OutputError(
+        f"Writing '{out}' failed: {exc}. Nothing was left behind; check the location and retry."
+    )

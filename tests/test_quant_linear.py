@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from llmopt.quant.kernels import LayerShape
+from llmopt.quant.linear import QuantLinear
+from llmopt.quant.schemes import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+
+CPU = torch.device("cpu")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize(("n", "k", "m"), [(96, 64, 1), (33, 128, 5), (200, 576, 17), (7, 32, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_matches_dequantized_reference(n, k, m, dtype):
+    torch.manual_seed(n * k + m)
+    w, bias, x = torch.randn(n, k) * 0.05, torch.randn(n), torch.randn(m, k)
+    q, scale = quantize_int8(w, torch.bfloat16)
+    layer = QuantLinear.from_quantized(LayerShape("int8", k, n, None), q, scale, None, bias, CPU, dtype)
+    out = layer(x.to(dtype))
+    ref = x.double() @ dequantize_int8(q, scale).double().T + bias.double()
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < 1e-2  # bf16 activations inside the CPU op
+
+
+@pytest.mark.parametrize(("n", "k", "m", "group"), [(96, 64, 1, 32), (48, 256, 9, 64), (80, 512, 4, 128)])
+def test_int4_linear_matches_dequantized_reference(n, k, m, group):
+    torch.manual_seed(n + k + m)
+    w, x = torch.randn(n, k) * 0.05, torch.randn(2, m, k)  # 3-D input: leading dims are kept
+    q, scale, zp = quantize_int4(w, group, torch.bfloat16)
+    layer = QuantLinear.from_quantized(
+        LayerShape("int4", k, n, group), q, scale, zp, None, CPU, torch.float32
+    )
+    out = layer(x)
+    ref = x.double() @ dequantize_int4(q, scale, zp, group).double().T
+    assert out.shape == (2, m, n)
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_quant_linear_holds_no_float_weight():
+    q, scale = quantize_int8(torch.randn(64, 64), torch.bfloat16)
+    layer = QuantLinear.from_quantized(
+        LayerShape("int8", 64, 64, None), q, scale, None, None, CPU, torch.float32
+    )
+    tensors = dict(layer.named_buffers()) | dict(layer.named_parameters())
+    assert set(tensors) == {"weight_int8", "scales"}
+    assert tensors["weight_int8"].dtype == torch.int8
+    assert tensors["scales"].numel() == 64
+    assert layer.kernel.name == "aten._weight_int8pack_mm"
+
+
+def test_shapes_no_kernel_fits_use_the_fallback_with_a_warning():
+    torch.manual_seed(3)
+    w, x = torch.randn(40, 64) * 0.05, torch.randn(3, 64)  # 40 rows: the CPU int4 op needs multiples of 16
+    q, scale, zp = quantize_int4(w, 32, torch.bfloat16)
+    with pytest.warns(UserWarning, match="slow"):
+        layer = QuantLinear.from_quantized(
+            LayerShape("int4", 64, 40, 32), q, scale, zp, None, CPU, torch.float32
+        )
+    assert layer.kernel.name == "llmopt.dequantize_then_matmul"
+    assert rel_err(layer(x), x.double() @ dequantize_int4(q, scale, zp, 32).double().T) < 1e-5
