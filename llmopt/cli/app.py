@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from llmopt import __version__
-from llmopt.cli import evaluate, models, pending, quantize
+from llmopt.cli import bench, evaluate, models, pending, quantize
 
 app = typer.Typer(
     name="llmopt",
@@ -17,7 +17,7 @@ app = typer.Typer(
 app.command("quantize")(quantize.quantize)
 app.command("eval")(evaluate.evaluate)
 app.command("models")(models.models)
-app.command("bench")(pending.bench)
+app.command("bench")(bench.bench)
 app.command("shard")(pending.shard)
 app.command("serve")(pending.serve)
 app.command("nginx-config")(pending.nginx_config)

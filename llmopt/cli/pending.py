@@ -15,12 +15,6 @@ def _not_yet(command: str, what: str) -> None:
 
 
 @handle_errors
-def bench(model: Annotated[str, typer.Argument()] = "smollm2-135m") -> None:
-    """Measure latency, throughput and memory (not yet available)."""
-    _not_yet("bench", "the benchmark runner")
-
-
-@handle_errors
 def shard(model: Annotated[str, typer.Argument()] = "smollm2-135m") -> None:
     """Plan a device map across GPUs and run tensor-parallel (not yet available)."""
     _not_yet("shard", "device-map planning and tensor parallelism")

@@ -34,7 +34,7 @@ class LoadSpec:
 @dataclass
 class LoadedModel:
     model: Any  # a transformers PreTrainedModel (with QuantLinear modules when quantized)
-    tokenizer: Any
+    tokenizer: Any  # None for random-weight benchmark models, which have no tokenizer
     files: ModelFiles
     device: torch.device
     dtype: torch.dtype
@@ -49,6 +49,12 @@ def resolve_model(arg: str, *, allow_pickle: bool = False, progress: Progress | 
     if arg in BUILTIN_MODELS and not Path(arg).exists():
         return inspect_model_dir(materialize_builtin(arg, progress))
     return inspect_model_dir(Path(arg).expanduser(), allow_pickle=allow_pickle)
+
+
+def has_tokenizer(root: Path) -> bool:
+    return any(
+        (root / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
 
 
 def resolve_dtype(name: str, files: ModelFiles, device: torch.device) -> torch.dtype:
@@ -79,8 +85,10 @@ def load_model(
     )
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, files, device)
+    tokenizer = None  # random-weight benchmark models ship none; they are fed token ids
     try:
-        tokenizer = AutoTokenizer.from_pretrained(files.root, trust_remote_code=spec.trust_remote_code)
+        if has_tokenizer(files.root):
+            tokenizer = AutoTokenizer.from_pretrained(files.root, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise InvalidModelError(
             f"Cannot load the tokenizer of '{files.root}' ({exc}). Copy its tokenizer files in."

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from llmopt import __version__
+from llmopt.errors import InputError
 from llmopt.models import BUILTIN_MODELS, LoadSpec, load_model, resolve_model
 from llmopt.models.files import ModelFiles, hash_model
+from llmopt.models.loading import has_tokenizer
 from llmopt.quant.checkpoint import PROVENANCE_FILE, plan_quantization, write_quantized_checkpoint
 from llmopt.quant.quality import EvalSpec, QualityResult, evaluate_quality
 from llmopt.quant.schemes import QuantSpec
@@ -80,6 +82,10 @@ def quantize_checkpoint(
     out = (spec.out or default_output(model_arg, spec.quant.scheme)).expanduser().absolute()
     check_output_dir(out, spec.force)
     files = resolve_model(model_arg, allow_pickle=spec.allow_pickle, progress=lambda m: say(m, 0, 0))
+    if spec.evaluate and not has_tokenizer(files.root):
+        raise InputError(
+            f"'{files.root}' has no tokenizer, so its quality cannot be measured; pass --no-eval."
+        )
     plan = plan_quantization(files, spec.quant, spec.trust_remote_code)
     say("hashing source", 0, 0)
     provenance: dict[str, Any] = {

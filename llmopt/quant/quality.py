@@ -72,6 +72,8 @@ def load_eval_text(path: Path | None) -> tuple[str, str]:
 def eval_windows(tokenizer: Any, spec: EvalSpec) -> tuple[torch.Tensor, str]:
     """The token windows of the protocol: (n_windows, window) int64, and the text's label."""
     text, label = load_eval_text(spec.text_path)
+    if tokenizer is None:
+        raise InputError("This model has no tokenizer (a random-weight benchmark model); quality needs text.")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: spec.max_tokens]
     n = len(ids) // spec.window
     if n == 0:

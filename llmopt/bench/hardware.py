@@ -1,0 +1,79 @@
+"""Measured properties of the machine that the floor formula needs, and the run's environment."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmopt import __version__
+from llmopt.bench.metrics import median
+from llmopt.device import describe, synchronize
+
+
+def measure_copy_bandwidth_gb_s(
+    device: torch.device, megabytes: int | None = None, repeats: int = 7
+) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written (GB/s, median of repeats)."""
+    size_mb = megabytes or (1024 if device.type == "cuda" else 256)
+    n = size_mb * (1 << 20) // 4
+    src = torch.randn(n, device=device)  # never time on zeros
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / median(times) / 1e9
+
+
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info = describe(device)
+    env: dict[str, Any] = {
+        "device": info.type,
+        "device_name": info.name,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "llmopt": __version__,
+        "git_sha": git_sha(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["sm_count"] = info.threads
+        try:
+            env["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                )
+                .stdout.strip()
+                .splitlines()[0]
+            )
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            env["driver"] = None
+    return env

@@ -1,0 +1,236 @@
+"""The offline (in-process) benchmark: generate() over seeded random prompts at several batch sizes.
+
+Each candidate is loaded, warmed up once per batch size (reported apart), then timed ``runs`` times.
+A logits processor stamps the time of every decode step (after a device sync), which gives TTFT,
+inter-token gaps and end-to-end latency for every sequence of the batch.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from llmopt.bench.memory import peak_bytes, reset_peak
+from llmopt.bench.metrics import (
+    RequestRecord,
+    achieved_bandwidth_gb_s,
+    decode_bytes_per_step,
+    floor_ms,
+    median,
+    summarize_requests,
+)
+from llmopt.device import synchronize
+from llmopt.errors import InputError, NotYetAvailableError
+from llmopt.models import LoadSpec, load_model
+
+ENGINES = ("transformers", "llmopt")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One thing to measure: a model argument and the engine that runs it."""
+
+    model: str
+    engine: str = "transformers"
+    label: str = ""
+
+    @classmethod
+    def parse(cls, text: str, label: str = "") -> Candidate:
+        """``MODEL[:ENGINE]``; a Windows-style drive or a path with ':' is left to the model part."""
+        model, sep, engine = text.rpartition(":")
+        if not sep or engine not in ENGINES:
+            return cls(text, "transformers", label or text)
+        return cls(model, engine, label or text)
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    batch_sizes: tuple[int, ...] = (1, 8)
+    prompt_len: int = 128
+    gen_len: int = 64
+    runs: int = 3
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # the candidates' activation dtype: auto = checkpoint dtype on GPU, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise InputError("--batch-sizes must be positive integers, e.g. 1,8.")
+        if self.prompt_len < 1 or self.gen_len < 2:
+            raise InputError("--prompt-len must be ≥ 1 and --gen-len ≥ 2 (TPOT needs two tokens).")
+        if self.runs < 1:
+            raise InputError("--runs must be at least 1.")
+
+
+@dataclass
+class BatchResult:
+    batch_size: int
+    warmup_s: float
+    runs: list[dict[str, Any]]  # per run: summary and per-request records
+    summary: dict[str, float]  # medians over runs, with _min/_max, plus memory and bandwidth
+
+
+@dataclass
+class CandidateResult:
+    label: str
+    model: str
+    engine: str
+    dtype: str
+    load_s: float
+    weight_bytes: int
+    embedding_bytes: int
+    kv_bytes_per_token: int
+    batches: list[BatchResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _StepClock:
+    """A logits processor that records when each new token's logits are ready (one call per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def model_bytes(model: Any) -> tuple[int, int]:
+    """(bytes of every parameter and persistent buffer at its stored width, bytes of the input embedding)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue  # tied weights count once
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    embedding = model.get_input_embeddings().weight
+    return total, embedding.numel() * embedding.element_size()
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def seeded_prompts(spec: BenchSpec, batch: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + batch)
+    low = min(10, vocab_size - 1)  # skip the first ids, where special tokens usually live
+    return torch.randint(low, vocab_size, (batch, spec.prompt_len), generator=generator).to(device)
+
+
+def _generate_once(
+    model: Any, prompts: torch.Tensor, spec: BenchSpec, device: torch.device
+) -> list[RequestRecord]:
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock(device)
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=spec.gen_len,
+            min_new_tokens=spec.gen_len,  # EOS is ignored: every run does the same work
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            pad_token_id=model.generation_config.pad_token_id or 0,
+        )
+    synchronize(device)
+    end = time.perf_counter()
+    new_tokens = out.shape[1] - prompts.shape[1]
+    stamps = [s - start for s in clock.stamps]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    return [
+        RequestRecord(
+            prompt_tokens=prompts.shape[1],
+            output_tokens=new_tokens,
+            ttft_s=stamps[0],
+            itl_s=list(gaps),
+            latency_s=end - start,
+        )
+        for _ in range(prompts.shape[0])
+    ]
+
+
+def _summarize_runs(runs: list[dict[str, float]]) -> dict[str, float]:
+    keys = runs[0].keys()
+    summary: dict[str, float] = {}
+    for key in keys:
+        values = [r[key] for r in runs]
+        summary[key] = median(values)
+        summary[f"{key}_min"] = min(values)
+        summary[f"{key}_max"] = max(values)
+    return summary
+
+
+def bench_candidate(
+    candidate: Candidate, spec: BenchSpec, copy_gb_s: float, progress: Progress | None = None
+) -> CandidateResult:
+    """Load one candidate and measure it at every batch size; frees it before returning."""
+    say = progress or (lambda *_: None)
+    if candidate.engine == "llmopt":
+        raise NotYetAvailableError(
+            "llmopt's own engine has not landed yet; measure with the transformers engine "
+            f"('{candidate.model}:transformers'), which runs llmopt's quantized modules."
+        )
+    load_start = time.perf_counter()
+    loaded = load_model(candidate.model, LoadSpec(dtype=spec.dtype, device=spec.device))
+    load_s = time.perf_counter() - load_start
+    model, device = loaded.model, loaded.device
+    weights, embedding = model_bytes(model)
+    kv_per_token = kv_bytes_per_token(model.config, loaded.dtype)
+    result = CandidateResult(
+        candidate.label or candidate.model,
+        candidate.model,
+        candidate.engine,
+        str(loaded.dtype).removeprefix("torch."),
+        load_s,
+        weights,
+        embedding,
+        kv_per_token,
+    )
+    for batch in spec.batch_sizes:
+        prompts = seeded_prompts(spec, batch, model.config.vocab_size, device)
+        warm_start = time.perf_counter()
+        _generate_once(model, prompts, spec, device)  # warm-up: allocations, kernels, caches
+        warmup_s = time.perf_counter() - warm_start
+        runs: list[dict[str, Any]] = []
+        summaries: list[dict[str, float]] = []
+        for i in range(spec.runs):
+            say(f"{result.label}: batch {batch}", i + 1, spec.runs)
+            reset_peak(device)
+            records = _generate_once(model, prompts, spec, device)
+            wall = max(r.latency_s or 0.0 for r in records)
+            summary = summarize_requests(records, wall)
+            summary["peak_mem_gib"] = peak_bytes(device) / 2**30
+            summaries.append(summary)
+            runs.append({"summary": summary, "records": [asdict(r) for r in records]})
+        combined = _summarize_runs(summaries)
+        # The floor at the mean context of the decode steps (prompt plus half the generated tokens).
+        context = spec.prompt_len + spec.gen_len // 2
+        step_bytes = decode_bytes_per_step(weights, embedding, kv_per_token, context, batch)
+        combined["bytes_per_step"] = float(step_bytes)
+        combined["copy_bandwidth_gb_s"] = copy_gb_s
+        combined["floor_ms"] = floor_ms(step_bytes, copy_gb_s)
+        combined["achieved_gb_s"] = achieved_bandwidth_gb_s(step_bytes, combined["tpot_ms_p50"])
+        combined["floor_pct"] = 100.0 * combined["floor_ms"] / combined["tpot_ms_p50"]
+        result.batches.append(BatchResult(batch, warmup_s, runs, combined))
+    del model, loaded
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
