@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/llmopt quantize smollm2-135m --out smollm2-135m-int8 --force
+	$(VENV)/bin/llmopt bench --compare
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -62,3 +62,18 @@ def test_shapes_no_kernel_fits_use_the_fallback_with_a_warning():
         )
     assert layer.kernel.name == "llmopt.dequantize_then_matmul"
     assert rel_err(layer(x), x.double() @ dequantize_int4(q, scale, zp, 32).double().T) < 1e-5
+
+
+def test_int8_cpu_many_rows_keep_fp32_activations():
+    # Prefill-sized inputs in fp32 are computed in fp32 (rounding-level error); decode-sized ones
+    # go through torch's int8 op with bf16 activations (~1e-3 error).
+    torch.manual_seed(5)
+    w = torch.randn(96, 128) * 0.05
+    q, scale = quantize_int8(w, torch.bfloat16)
+    layer = QuantLinear.from_quantized(
+        LayerShape("int8", 128, 96, None), q, scale, None, None, CPU, torch.float32
+    )
+    ref_w = dequantize_int8(q, scale).double()
+    big, small = torch.randn(200, 128), torch.randn(3, 128)
+    assert rel_err(layer(big), big.double() @ ref_w.T) < 1e-6
+    assert 1e-5 < rel_err(layer(small), small.double() @ ref_w.T) < 1e-2

@@ -57,12 +57,13 @@ def quantize_json(*args: str) -> dict:
 
 def test_int8_quality_of_record(tmp_path: Path):
     report = quantize_json("--out", str(tmp_path / "q8"))
+    assert report["method"] == "gptq"  # auto picks GPTQ: the model fits and has a tokenizer
     q = report["quality"]
     assert q["tokens_scored"] == 16 * 1023 and q["windows"] == 16
     assert 25 < q["reference_perplexity"] < 45  # the fp32 model on the shipped Austen slice
     assert q["perplexity_increase_pct"] <= 0.5  # the issue's target
     assert q["top1_agreement"] >= TOP1_INT8_FLOOR
-    assert q["kl_mean_nats"] < 0.01
+    assert q["kl_mean_nats"] < 0.002
     assert report["bytes_after"] < 0.75 * report["bytes_before"]
     assert json.loads((tmp_path / "q8" / "llmopt.json").read_text())["quality"] == q
 
@@ -84,5 +85,5 @@ def test_quantized_model_still_answers(tmp_path: Path):
 
 
 # Measured floors, tightened as the methods improve (see BENCHMARKS.md for the numbers of record).
-TOP1_INT8_FLOOR = 0.94
-INT4_PPL_CEILING_PCT = 30.0
+TOP1_INT8_FLOOR = 0.975  # measured 97.76% with GPTQ; the issue's target is 98% (see BENCHMARKS.md)
+INT4_PPL_CEILING_PCT = 6.5  # measured +5.80% with GPTQ; the issue asks ≤ 4% (see BENCHMARKS.md)

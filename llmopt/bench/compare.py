@@ -14,6 +14,7 @@ from llmopt.bench.memory import memory_label
 from llmopt.bench.offline import BenchSpec, Candidate, CandidateResult, bench_candidate
 from llmopt.device import resolve_device
 from llmopt.models import BUILTIN_MODELS, LoadSpec, cache_dir, load_model, resolve_model
+from llmopt.models.builtin import RANDOM_SHAPES
 from llmopt.models.files import hash_model
 from llmopt.models.loading import has_tokenizer
 
@@ -91,6 +92,10 @@ def measure_quality(before: Candidate, after: Candidate, progress: Progress | No
     return {**result.to_dict(), "source": "measured now"}
 
 
+def _has_text(candidate: Candidate) -> bool:
+    return candidate.model not in RANDOM_SHAPES and has_tokenizer(resolve_model(candidate.model).root)
+
+
 def run_bench(
     candidates: list[Candidate], spec: BenchSpec, with_quality: bool = True, progress: Progress | None = None
 ) -> BenchResult:
@@ -99,10 +104,6 @@ def run_bench(
     copy_gb_s = measure_copy_bandwidth_gb_s(device)
     results = [bench_candidate(c, spec, copy_gb_s, progress) for c in candidates]
     quality = None
-    if (
-        with_quality
-        and len(candidates) == 2
-        and all(has_tokenizer(resolve_model(c.model).root) for c in candidates)
-    ):
+    if with_quality and len(candidates) == 2 and all(_has_text(c) for c in candidates):
         quality = measure_quality(candidates[0], candidates[1], progress)
     return BenchResult(environment(device), asdict(spec), memory_label(device), copy_gb_s, results, quality)

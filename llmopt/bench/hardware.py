@@ -42,7 +42,8 @@ def git_sha() -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return proc.stdout.strip() or None
+    sha = proc.stdout.strip()
+    return sha if proc.returncode == 0 and len(sha) == 40 else None  # a copy without history has none
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class Candidate:
     model: str
     engine: str = "transformers"
     label: str = ""
+    quantize: str | None = None  # quantize in memory after loading (random-weight shapes have no files)
 
     @classmethod
     def parse(cls, text: str, label: str = "") -> Candidate:
@@ -189,8 +190,13 @@ def bench_candidate(
         )
     load_start = time.perf_counter()
     loaded = load_model(candidate.model, LoadSpec(dtype=spec.dtype, device=spec.device))
-    load_s = time.perf_counter() - load_start
     model, device = loaded.model, loaded.device
+    if candidate.quantize:
+        from llmopt.quant.inplace import quantize_model_
+        from llmopt.quant.schemes import QuantSpec
+
+        quantize_model_(model, QuantSpec(candidate.quantize))
+    load_s = time.perf_counter() - load_start
     weights, embedding = model_bytes(model)
     kv_per_token = kv_bytes_per_token(model.config, loaded.dtype)
     result = CandidateResult(

@@ -46,6 +46,7 @@ def bench(
     compare: Annotated[bool, typer.Option("--compare", help="Measure --before against --after.")] = False,
     before: Annotated[str | None, typer.Option(help="MODEL[:ENGINE] before (default smollm2-135m).")] = None,
     after: Annotated[str | None, typer.Option(help="MODEL[:ENGINE] after (default: before's int8).")] = None,
+    scheme: Annotated[str, typer.Option(help="Scheme of the default --after: int8 or int4.")] = "int8",
     no_quality: Annotated[
         bool, typer.Option("--no-quality", help="Skip perplexity / top-1 in --compare.")
     ] = False,
@@ -63,6 +64,7 @@ def bench(
     from llmopt.bench.compare import DEFAULT_BEFORE, cached_quantized, run_bench
     from llmopt.bench.offline import BenchSpec, Candidate
     from llmopt.bench.report import comparison_rows, save_plot, single_header, single_rows, to_markdown
+    from llmopt.models.builtin import RANDOM_SHAPES
 
     spec = BenchSpec(
         batch_sizes=_batch_sizes(batch_sizes),
@@ -80,13 +82,13 @@ def bench(
     with progress_reporter() as progress:
         if compare:
             first = Candidate.parse(before or DEFAULT_BEFORE)
-            second = (
-                Candidate.parse(after)
-                if after
-                else Candidate(
-                    cached_quantized(first.model, "int8", progress), "transformers", f"{first.label} int8"
-                )
-            )
+            label = f"{first.label} {scheme} (llmopt)"
+            if after:
+                second = Candidate.parse(after)
+            elif first.model in RANDOM_SHAPES:  # in memory only: quantized in place after loading
+                second = Candidate(first.model, "transformers", label, quantize=scheme)
+            else:
+                second = Candidate(cached_quantized(first.model, scheme, progress), "transformers", label)
             candidates = [first, second]
         else:
             candidates = [Candidate(model, engine, model)]

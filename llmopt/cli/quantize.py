@@ -31,6 +31,12 @@ def quantize(
         int | None,
         typer.Option(help="int4 group size (32/64/128/256); default: largest of 128/64/32 that fits."),
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="gptq (calibrated), rtn (round-to-nearest, bounded memory), auto: gptq if it fits."
+        ),
+    ] = "auto",
     keep_head: Annotated[bool, typer.Option("--keep-head", help="Leave lm_head in 16-bit.")] = False,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Output directory (default ./MODEL-SCHEME).")
@@ -51,7 +57,7 @@ def quantize(
     from llmopt.quant.schemes import QuantSpec
 
     spec = QuantizeSpec(
-        quant=QuantSpec(scheme=scheme, group_size=group_size, keep_head=keep_head),
+        quant=QuantSpec(scheme=scheme, group_size=group_size, keep_head=keep_head, method=method),
         out=out_dir,
         force=force,
         evaluate=not no_eval,
@@ -70,6 +76,7 @@ def quantize(
     table.add_column("Value", justify="right")
     group = f", group {result.group_size}" if result.group_size else ", per channel"
     table.add_row("Scheme", f"{result.scheme}{group}, head {result.head}")
+    table.add_row("Method", "GPTQ (calibrated)" if result.method == "gptq" else "round-to-nearest")
     table.add_row("Size before", human_bytes(result.bytes_before))
     table.add_row("Size after", human_bytes(result.bytes_after))
     table.add_row("Ratio", f"{result.ratio:.2f}x")

@@ -123,50 +123,9 @@ def _build_tiny_random(out: Path, progress: Progress) -> None:
 
 RANDOM_SEED = 0
 SHAPES_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-
-
-def _build_random(config_path: Path) -> Callable[[Path, Progress], None]:
-    """A builder for a real architecture's shape with seeded random 16-bit weights (no tokenizer).
-
-    Tensors are drawn one at a time (on the GPU when there is one) and streamed into shards, so an 8B
-    model is built in bounded host memory. Speed and memory do not depend on the values."""
-
-    def build(out: Path, progress: Progress) -> None:
-        import torch
-        from transformers import AutoConfig
-
-        from llmopt.quant.checkpoint import build_empty_model
-        from llmopt.quant.writer import ShardWriter
-
-        config = AutoConfig.for_model(**json.loads(config_path.read_text()))
-        model = build_empty_model(config, trust_remote_code=False)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16
-        writer = ShardWriter(out)
-        state = model.state_dict()
-        tied = bool(getattr(config, "tie_word_embeddings", False))
-        head = {n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight}
-        for i, (name, meta) in enumerate(state.items()):
-            if tied and name in head and len(head) == 1 and name.startswith("lm_head"):
-                continue
-            progress(f"random weights {i + 1}/{len(state)}")
-            generator = torch.Generator(device=device).manual_seed(RANDOM_SEED * 100_003 + i)
-            if meta.ndim == 1 and "norm" in name:
-                tensor = torch.ones(meta.shape, dtype=dtype)
-            else:
-                tensor = (torch.randn(meta.shape, generator=generator, device=device) * 0.02).to(dtype).cpu()
-            writer.add(name, tensor)
-        writer.finish()
-        config.dtype = dtype
-        config.save_pretrained(out)
-
-    return build
-
-
-def _random_version(config_path: Path) -> Callable[[], str]:
-    import hashlib
-
-    return lambda: f"random-v1-seed{RANDOM_SEED}-{hashlib.sha256(config_path.read_bytes()).hexdigest()[:12]}"
+# Real architectures' shapes with seeded random weights, for speed and memory benchmarks (values do not
+# matter there). They are built in memory, on the target device, and never written to disk.
+RANDOM_SHAPES: dict[str, Path] = {p.stem: p for p in sorted(SHAPES_DIR.glob("*.json"))}
 
 
 def _tiny_version() -> str:
@@ -187,15 +146,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         _tiny_version,
     ),
 }
-
-
-for _shape in sorted(SHAPES_DIR.glob("*.json")):
-    BUILTIN_MODELS[_shape.stem] = BuiltinModel(
-        _shape.stem,
-        f"{_shape.stem} shape with seeded random bf16 weights, no tokenizer (speed and memory benchmarks)",
-        _build_random(_shape),
-        _random_version(_shape),
-    )
 
 
 def materialize_builtin(name: str, progress: Progress | None = None) -> Path:

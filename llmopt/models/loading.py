@@ -10,7 +10,7 @@ import torch
 
 from llmopt.device import resolve_device
 from llmopt.errors import InputError, InvalidModelError
-from llmopt.models.builtin import BUILTIN_MODELS, Progress, materialize_builtin
+from llmopt.models.builtin import BUILTIN_MODELS, RANDOM_SEED, RANDOM_SHAPES, Progress, materialize_builtin
 from llmopt.models.files import ModelFiles, inspect_model_dir
 
 DTYPES = {
@@ -35,17 +35,24 @@ class LoadSpec:
 class LoadedModel:
     model: Any  # a transformers PreTrainedModel (with QuantLinear modules when quantized)
     tokenizer: Any  # None for random-weight benchmark models, which have no tokenizer
-    files: ModelFiles
+    files: ModelFiles | None  # None for random-weight benchmark models, which live in memory only
     device: torch.device
     dtype: torch.dtype
 
     @property
     def path(self) -> Path:
+        if self.files is None:
+            raise InputError("A random-weight benchmark model has no directory.")
         return self.files.root
 
 
 def resolve_model(arg: str, *, allow_pickle: bool = False, progress: Progress | None = None) -> ModelFiles:
     """A model argument is a built-in name or a directory; return its validated files."""
+    if arg in RANDOM_SHAPES and not Path(arg).exists():
+        raise InputError(
+            f"'{arg}' is a random-weight benchmark shape that exists only in memory; "
+            "use it with `llmopt bench`."
+        )
     if arg in BUILTIN_MODELS and not Path(arg).exists():
         return inspect_model_dir(materialize_builtin(arg, progress))
     return inspect_model_dir(Path(arg).expanduser(), allow_pickle=allow_pickle)
@@ -57,11 +64,12 @@ def has_tokenizer(root: Path) -> bool:
     )
 
 
-def resolve_dtype(name: str, files: ModelFiles, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, config: dict[str, Any], device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU, the checkpoint's own dtype (default bf16) on GPU."""
     if name == "auto":
         if device.type == "cpu":
             return torch.float32
-        stored = str(files.config.get("dtype") or files.config.get("torch_dtype") or "bfloat16")
+        stored = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
         return DTYPES.get(stored, torch.bfloat16)
     if name not in DTYPES:
         raise InputError(f"Unknown dtype '{name}'. Use one of: auto, {', '.join(sorted(DTYPES))}.")
@@ -78,13 +86,15 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # llmopt reports progress itself; stderr stays readable
     spec = spec or LoadSpec()
+    if isinstance(arg, str) and arg in RANDOM_SHAPES and not Path(arg).exists():
+        return load_random_model(arg, spec)
     files = (
         arg
         if isinstance(arg, ModelFiles)
         else resolve_model(arg, allow_pickle=spec.allow_pickle, progress=progress)
     )
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, files, device)
+    dtype = resolve_dtype(spec.dtype, files.config, device)
     tokenizer = None  # random-weight benchmark models ship none; they are fed token ids
     try:
         if has_tokenizer(files.root):
@@ -113,3 +123,21 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, files=files, device=device, dtype=dtype)
+
+
+def load_random_model(name: str, spec: LoadSpec) -> LoadedModel:
+    """Build a benchmark shape directly on the device with seeded random weights (transformers' own init)."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = resolve_device(spec.device)
+    config_dict = json.loads(RANDOM_SHAPES[name].read_text())
+    dtype = resolve_dtype(spec.dtype, config_dict, device)
+    config = AutoConfig.for_model(**config_dict)
+    torch.manual_seed(RANDOM_SEED)
+    with torch.device(device):
+        model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=None, files=None, device=device, dtype=dtype)

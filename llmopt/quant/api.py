@@ -16,7 +16,7 @@ from llmopt.errors import InputError
 from llmopt.models import BUILTIN_MODELS, LoadSpec, load_model, resolve_model
 from llmopt.models.files import ModelFiles, hash_model
 from llmopt.models.loading import has_tokenizer
-from llmopt.quant.checkpoint import PROVENANCE_FILE, plan_quantization, write_quantized_checkpoint
+from llmopt.quant.checkpoint import PROVENANCE_FILE, QuantPlan, plan_quantization, write_quantized_checkpoint
 from llmopt.quant.quality import EvalSpec, QualityResult, evaluate_quality
 from llmopt.quant.schemes import QuantSpec
 from llmopt.quant.writer import atomic_output_dir, check_output_dir
@@ -42,6 +42,7 @@ class QuantizeResult:
     scheme: str
     group_size: int | None
     head: str  # "int8" or "16-bit"
+    method: str  # "gptq" or "rtn"
     bytes_before: int
     bytes_after: int
     seconds_quantize: float
@@ -58,6 +59,7 @@ class QuantizeResult:
             "scheme": self.scheme,
             "group_size": self.group_size,
             "head": self.head,
+            "method": self.method,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "ratio": self.ratio,
@@ -87,6 +89,8 @@ def quantize_checkpoint(
             f"'{files.root}' has no tokenizer, so its quality cannot be measured; pass --no-eval."
         )
     plan = plan_quantization(files, spec.quant, spec.trust_remote_code)
+    method = choose_method(spec.quant.method, files, plan)
+    hessians = calibrate(files, spec, say) if method == "gptq" else None
     say("hashing source", 0, 0)
     provenance: dict[str, Any] = {
         "llmopt_version": __version__,
@@ -97,11 +101,12 @@ def quantize_checkpoint(
         "scheme": spec.quant.scheme,
         "group_size": plan.body.group_size,
         "head": "16-bit" if plan.head is None else "int8",
-        "method": _method(spec.quant.scheme),
+        "method": method,
+        "method_detail": _method_detail(method, spec.quant.scheme),
     }
     start = time.perf_counter()
     with atomic_output_dir(out, spec.force) as tmp:
-        write_quantized_checkpoint(files, plan, tmp, provenance, progress=say)
+        write_quantized_checkpoint(files, plan, tmp, provenance, progress=say, hessians=hessians)
     seconds = time.perf_counter() - start
     result = QuantizeResult(
         source=provenance["source"],
@@ -109,6 +114,7 @@ def quantize_checkpoint(
         scheme=spec.quant.scheme,
         group_size=plan.body.group_size,
         head=provenance["head"],
+        method=method,
         bytes_before=files.weight_bytes,
         bytes_after=resolve_model(str(out)).weight_bytes,
         seconds_quantize=seconds,
@@ -119,10 +125,67 @@ def quantize_checkpoint(
     return result
 
 
-def _method(scheme: str) -> str:
+CALIBRATION_TOKENS = (
+    8192  # from llmopt/data/persuasion_calib.txt, which the evaluation slice does not overlap
+)
+CALIBRATION_WINDOW = 512
+
+
+def choose_method(requested: str, files: ModelFiles, plan: QuantPlan) -> str:
+    """GPTQ needs the model in memory (fp32) for calibration, one (K, K) Hessian per linear, and a
+    tokenizer; round-to-nearest streams one tensor at a time. ``auto`` takes GPTQ when it can."""
+    if requested == "rtn":
+        return "rtn"
+    needed = 2 * files.weight_bytes + sum(4 * k * k for k in plan.in_features.values())
+    fits = needed < 0.5 * _available_memory_bytes()
+    if requested == "gptq":
+        if not has_tokenizer(files.root):
+            raise InputError("GPTQ calibrates on text, and this model has no tokenizer. Use --method rtn.")
+        if not fits:
+            raise InputError(
+                f"GPTQ needs about {needed / 1e9:.1f} GB of memory here, more than half of what is free. "
+                "Use --method rtn, which streams the model in bounded memory."
+            )
+        return "gptq"
+    return "gptq" if fits and has_tokenizer(files.root) else "rtn"
+
+
+def _available_memory_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def calibrate(files: ModelFiles, spec: QuantizeSpec, progress: Progress | None = None) -> dict[str, Any]:
+    """Hessians of every linear's input on the shipped calibration text (GPTQ's only data)."""
+    from importlib import resources
+
+    from llmopt.quant.gptq import collect_hessians
+
+    load = LoadSpec(dtype="float32", trust_remote_code=spec.trust_remote_code, allow_pickle=spec.allow_pickle)
+    loaded = load_model(files, load)
+    text = (resources.files("llmopt") / "data" / "persuasion_calib.txt").read_text(encoding="utf-8")
+    hessians = collect_hessians(
+        loaded.model, loaded.tokenizer, text, CALIBRATION_TOKENS, CALIBRATION_WINDOW, progress
+    )
+    del loaded
+    return hessians
+
+
+def _method_detail(method: str, scheme: str) -> str:
+    if method == "gptq":
+        detail = "GPTQ (act-order, error feedback through the inverse-Hessian Cholesky factor), "
+        detail += f"calibrated on {CALIBRATION_TOKENS} tokens of persuasion_calib.txt"
+        if scheme == "int4":
+            detail += "; per-group range search weighted by the group's Hessian block"
+        return detail
     if scheme == "int8":
         return "round-to-nearest, per-output-channel absmax scale, symmetric"
-    return "group-wise asymmetric, integer zero point, per-group range search (least squared error)"
+    return "round-to-nearest, group-wise asymmetric, per-group range search (least squared error)"
 
 
 def evaluate_against_source(

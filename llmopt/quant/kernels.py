@@ -49,6 +49,9 @@ class QuantKernel(ABC):
         """x (M, K) → (M, N) in x's dtype."""
 
 
+CPU_FP32_DEQUANT_MIN_ROWS = 64  # at 1,024 rows both paths take ~25 ms for 1536x576 on 2 cores (BENCHMARKS.md)
+
+
 def _op_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     # torch's CPU low-bit ops are vectorised for bf16 activations only: fp32 runs ~10x slower than
     # a plain fp32 matmul (measured, see BENCHMARKS.md). On CPU the op runs in bf16 and the result
@@ -72,6 +75,12 @@ class AtenInt8Kernel(QuantKernel):
 
     def matmul(self, x, buffers, shape):
         scales = buffers["scales"]
+        if x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] >= CPU_FP32_DEQUANT_MIN_ROWS:
+            # Many rows (prefill, scoring): the matmul is compute-bound, and dequantizing the int8
+            # weight to a transient fp32 tile costs no more than the bf16 op while keeping fp32
+            # activations (the bf16 cast alone flips ~1% of a small model's top-1 predictions).
+            weight = buffers["weight_int8"].to(torch.float32) * scales.to(torch.float32).unsqueeze(1)
+            return x @ weight.T
         y = torch.ops.aten._weight_int8pack_mm(x.to(scales.dtype), buffers["weight_int8"], scales)
         return y.to(x.dtype)
 

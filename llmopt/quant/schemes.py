@@ -22,6 +22,7 @@ from llmopt.errors import UnsupportedError
 
 Scheme = Literal["int8", "int4"]
 SCHEMES: tuple[str, ...] = ("int8", "int4")
+METHODS: tuple[str, ...] = ("auto", "gptq", "rtn")
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)  # what the int4 kernels accept
 DEFAULT_GROUP_PREFERENCE: tuple[int, ...] = (128, 64, 32)
 INT4_SEARCH_STEPS = 24  # candidate ranges per group, from the full range down to 55% of it
@@ -34,8 +35,11 @@ class QuantSpec:
     scheme: str = "int8"
     group_size: int | None = None  # int4 only
     keep_head: bool = False  # leave lm_head in 16-bit
+    method: str = "auto"  # "gptq" (calibrated), "rtn" (round-to-nearest, streams), "auto": gptq if it fits
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UnsupportedError(f"Unknown method '{self.method}'. Use one of: {', '.join(METHODS)}.")
         if self.scheme not in SCHEMES:
             raise UnsupportedError(f"Unknown scheme '{self.scheme}'. Use one of: {', '.join(SCHEMES)}.")
         if self.group_size is not None:
@@ -96,16 +100,16 @@ def quantize_int4(
     importance = (
         channel_importance.float().reshape(1, k // group_size, group_size)
         if channel_importance is not None
-        else torch.ones(1, 1, 1)
+        else torch.ones(1, 1, 1, device=w.device)
     )
     lo_full = w.amin(dim=-1).clamp(max=0)  # the range always holds 0, so zero is exact
     hi_full = w.amax(dim=-1).clamp(min=0)
-    best_err = torch.full(lo_full.shape, float("inf"))
-    best_scale = torch.zeros(lo_full.shape, dtype=scale_dtype)
-    best_zp = torch.zeros(lo_full.shape, dtype=torch.int8)
+    best_err = torch.full(lo_full.shape, float("inf"), device=w.device)
+    best_scale = torch.zeros(lo_full.shape, dtype=scale_dtype, device=w.device)
+    best_zp = torch.zeros(lo_full.shape, dtype=torch.int8, device=w.device)
     for step in range(INT4_SEARCH_STEPS):
         shrink = 1.0 - 0.45 * step / max(INT4_SEARCH_STEPS - 1, 1)
-        scale, zp = _int4_params(lo_full * shrink, hi_full * shrink, scale_dtype)
+        scale, zp = int4_params(lo_full * shrink, hi_full * shrink, scale_dtype)
         q = _int4_round(w, scale, zp)
         err = (((q - zp.unsqueeze(-1)) * scale.float().unsqueeze(-1) - w).square() * importance).sum(dim=-1)
         better = err < best_err
@@ -116,7 +120,7 @@ def quantize_int4(
     return q, best_scale, best_zp
 
 
-def _int4_params(
+def int4_params(
     lo: torch.Tensor, hi: torch.Tensor, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((hi - lo) / 15.0).clamp(min=1e-10).to(scale_dtype)
