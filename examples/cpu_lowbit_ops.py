@@ -18,6 +18,7 @@ CASES = {
     "fp32 matmul": "x @ w.T",
     "int8 op, fp32 act": "torch.ops.aten._weight_int8pack_mm(x, q8, s8)",
     "int8 op, bf16 act": "torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q8, s8.bfloat16())",
+    "int8 fp32 dequant tile": "x @ (q8.float() * s8[:, None]).T",
     "int4 op, fp32 act": "torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, G, sz)",
     "int4 op, bf16 act": "torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), w4, G, sz.bfloat16())",
 }

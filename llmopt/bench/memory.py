@@ -19,16 +19,30 @@ def reset_peak(device: torch.device) -> None:
             CLEAR_REFS.write_text("5")
 
 
+def baseline_bytes(device: torch.device) -> int:
+    """What the process holds before a candidate is loaded: 0 on GPU (torch counts only its own
+    allocations), the current RSS on CPU (libraries, earlier work), subtracted from CPU peaks."""
+    if device.type == "cuda":
+        return 0
+    return _status_kib("VmRSS:") * 1024
+
+
+def _status_kib(field: str) -> int:
+    try:
+        for line in STATUS.read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def peak_bytes(device: torch.device) -> int:
     """Peak since the last ``reset_peak``: GPU bytes allocated by torch, or the process's peak RSS."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        for line in STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    if peak := _status_kib("VmHWM:"):
+        return peak * 1024
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -37,4 +51,4 @@ def peak_bytes(device: torch.device) -> int:
 def memory_label(device: torch.device) -> str:
     if device.type == "cuda":
         return "peak GPU memory allocated by the process during the run"
-    return "peak resident memory (RSS) of the process during the run"
+    return "peak resident memory (RSS) during the run, above the process's RSS before the model was loaded"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llmopt.bench.memory import peak_bytes, reset_peak
+from llmopt.bench.memory import baseline_bytes, peak_bytes, reset_peak
 from llmopt.bench.metrics import (
     RequestRecord,
     achieved_bandwidth_gb_s,
@@ -25,7 +25,7 @@ from llmopt.bench.metrics import (
     median,
     summarize_requests,
 )
-from llmopt.device import synchronize
+from llmopt.device import resolve_device, synchronize
 from llmopt.errors import InputError, NotYetAvailableError
 from llmopt.models import LoadSpec, load_model
 
@@ -188,6 +188,8 @@ def bench_candidate(
             "llmopt's own engine has not landed yet; measure with the transformers engine "
             f"('{candidate.model}:transformers'), which runs llmopt's quantized modules."
         )
+    gc.collect()
+    baseline = baseline_bytes(resolve_device(spec.device))
     load_start = time.perf_counter()
     loaded = load_model(candidate.model, LoadSpec(dtype=spec.dtype, device=spec.device))
     model, device = loaded.model, loaded.device
@@ -222,7 +224,7 @@ def bench_candidate(
             records = _generate_once(model, prompts, spec, device)
             wall = max(r.latency_s or 0.0 for r in records)
             summary = summarize_requests(records, wall)
-            summary["peak_mem_gib"] = peak_bytes(device) / 2**30
+            summary["peak_mem_gib"] = (peak_bytes(device) - baseline) / 2**30
             summaries.append(summary)
             runs.append({"summary": summary, "records": [asdict(r) for r in records]})
         combined = _summarize_runs(summaries)
