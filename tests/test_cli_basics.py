@@ -28,7 +28,7 @@ def test_entry_point_and_version():
     assert proc.stdout.startswith("llmopt ")
 
 
-@pytest.mark.parametrize("command", ["bench", "shard", "serve", "nginx-config"])
+@pytest.mark.parametrize("command", ["shard", "serve", "nginx-config"])
 def test_unbuilt_commands_say_so_and_fail(command):
     proc = run_cli(command)
     assert proc.returncode == 4

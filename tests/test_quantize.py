@@ -128,7 +128,7 @@ def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch, exc):
     def fail(*args, **kwargs):
         raise exc
 
-    monkeypatch.setattr(checkpoint, "quantize_int8", fail)
+    monkeypatch.setattr(checkpoint, "pack_int32", fail)  # mid-way through writing, whatever the method
     with pytest.raises(type(exc)):
         quantize_checkpoint("tiny-random", QuantizeSpec(out=tmp_path / "q", evaluate=False))
     assert list(tmp_path.iterdir()) == []
@@ -147,3 +147,16 @@ def test_read_only_location_is_a_clear_error(tmpfs):
     result = runner.invoke(app, ["quantize", "tiny-random", "--out", str(target / "q"), "--no-eval"])
     assert result.exit_code == 3
     assert "Cannot write" in result.stderr
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_in_place_quantization_equals_the_round_trip_through_a_checkpoint(tmp_path: Path, scheme: str):
+    from llmopt.quant.inplace import quantize_model_
+
+    spec = QuantSpec(scheme, method="rtn")
+    quantize_checkpoint("tiny-random", QuantizeSpec(spec, out=tmp_path / "q", evaluate=False))
+    from_disk = load_model(str(tmp_path / "q"), LoadSpec(dtype="float32", device="cpu"))
+    in_memory = load_model("tiny-random", LoadSpec(dtype="float32", device="cpu"))
+    quantize_model_(in_memory.model, spec, scale_dtype=torch.bfloat16)  # tiny-random is stored in bf16
+    ids = torch.tensor([from_disk.tokenizer(PROMPT)["input_ids"]])
+    torch.testing.assert_close(in_memory.model(ids).logits, from_disk.model(ids).logits, rtol=0, atol=0)

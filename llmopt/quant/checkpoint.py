@@ -120,32 +120,43 @@ def plan_layers(model: Any, spec: QuantSpec) -> QuantPlan:
     return QuantPlan(layers, linears, body, head, head_name, embed_name, tied, ignore=ignore)
 
 
-def _quantized_tensors(
-    name: str, weight: torch.Tensor, layer: LayerQuant, hessian: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one linear: GPTQ when its Hessian is given, else round-to-nearest.
+def quantize_weight(
+    weight: torch.Tensor,
+    layer: LayerQuant,
+    hessian: torch.Tensor | None = None,
+    scale_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q, scale, zero point or None) of one linear's weight: GPTQ when its Hessian is given, else
+    round-to-nearest. Scales keep the stored weight's 16-bit dtype unless told (fp32: fp32 scales).
 
     Round-to-nearest runs on the GPU when there is one (an 8B model quantizes in seconds, not
-    minutes); results are identical up to float rounding order and come back to the CPU."""
-    scale_dtype = weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    minutes); results are identical up to float rounding order."""
+    if scale_dtype is None:
+        scale_dtype = weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
     if hessian is None:
         weight = weight.to(_COMPUTE_DEVICE)
     if layer.bits == 8:
-        q, scale = (
-            gptq_quantize_int8(weight, hessian, scale_dtype)
-            if hessian is not None
-            else quantize_int8(weight, scale_dtype)
-        )
-        out = {"weight_scale": scale}
-    else:
-        assert layer.group_size is not None
-        q, scale, zp = (
-            gptq_quantize_int4(weight, hessian, layer.group_size, scale_dtype)
-            if hessian is not None
-            else quantize_int4(weight, layer.group_size, scale_dtype)
-        )
-        out = {"weight_scale": scale, "weight_zero_point": pack_int32(zp.T.contiguous(), 4).T.contiguous()}
-    out["weight_packed"] = pack_int32(q, layer.bits)
+        if hessian is not None:
+            return (*gptq_quantize_int8(weight, hessian, scale_dtype), None)
+        return (*quantize_int8(weight, scale_dtype), None)
+    assert layer.group_size is not None
+    if hessian is not None:
+        return gptq_quantize_int4(weight, hessian, layer.group_size, scale_dtype)
+    return quantize_int4(weight, layer.group_size, scale_dtype)
+
+
+Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (q, scale, zero point or None)
+
+
+def _quantized_tensors(
+    name: str, weight: torch.Tensor, layer: LayerQuant, codes: Codes | None
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one linear, in compressed-tensors' pack-quantized layout
+    (``codes``: already computed, e.g. by sequential GPTQ; else round-to-nearest now)."""
+    q, scale, zero_point = codes if codes is not None else quantize_weight(weight, layer)
+    out = {"weight_scale": scale, "weight_packed": pack_int32(q, layer.bits)}
+    if zero_point is not None:
+        out["weight_zero_point"] = pack_int32(zero_point.T.contiguous(), 4).T.contiguous()
     out["weight_shape"] = torch.tensor(list(weight.shape), dtype=torch.int64)
     return {f"{name}.{k}": v.cpu() for k, v in out.items()}
 
@@ -157,12 +168,13 @@ def write_quantized_checkpoint(
     provenance: dict[str, Any],
     progress: Progress | None = None,
     max_shard_bytes: int | None = None,
-    hessians: dict[str, torch.Tensor] | None = None,
+    codes: dict[str, Codes] | None = None,
 ) -> int:
     """Stream the source through the plan into ``out`` (an empty directory). Returns weight bytes written.
 
-    With ``hessians`` (module name → H, from ``collect_hessians``) layers are quantized by GPTQ."""
-    hessians = hessians or {}
+    ``codes`` (module name → integers and scales, e.g. from GPTQ) are written as given; other
+    planned layers are rounded to nearest as their tensors stream past."""
+    codes = codes or {}
     say = progress or (lambda *_: None)
     writer = ShardWriter(out, max_shard_bytes) if max_shard_bytes else ShardWriter(out)
     weights = {f"{n}.weight": n for n in plan.layers}
@@ -170,13 +182,13 @@ def write_quantized_checkpoint(
     for done, (name, tensor) in enumerate(iter_tensors(files), start=1):
         module = weights.get(name)
         if module is not None:
-            for k, v in _quantized_tensors(module, tensor, plan.layers[module], hessians.get(module)).items():
+            for k, v in _quantized_tensors(module, tensor, plan.layers[module], codes.get(module)).items():
                 writer.add(k, v)
         else:
             writer.add(name, tensor)
         if name == f"{plan.embed_name}.weight" and plan.head_tied and plan.head is not None:
             for k, v in _quantized_tensors(
-                plan.head_name, tensor, plan.head, hessians.get(plan.head_name)
+                plan.head_name, tensor, plan.head, codes.get(plan.head_name)
             ).items():
                 writer.add(k, v)
         say("quantizing", done, total)

@@ -53,6 +53,68 @@ class _StopForward(Exception):
 # --------------------------------------------------------------------------------------------
 
 
+def calibration_windows(tokenizer: Any, text: str, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """The first ``n_tokens`` tokens of ``text`` (no special tokens) as (n, seq_len) windows; a
+    trailing partial window is dropped (a text shorter than one window is one window)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    if not ids:
+        raise ValueError("The calibration text has no tokens.")
+    seq_len = min(seq_len, len(ids))
+    n_win = len(ids) // seq_len
+    return torch.tensor(ids[: n_win * seq_len], dtype=torch.long).view(n_win, seq_len)
+
+
+@torch.no_grad()
+def _accumulate_hessians(
+    model: Any,
+    windows: torch.Tensor,
+    names: set[str],
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """``H = 2/n Σ x xᵀ`` for the linears in ``names``, running each window through the model up to
+    the output head's input."""
+    say = progress or (lambda *_: None)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    # Linears fed the very same tensor (q/k/v, gate/up) share one x xᵀ product per call.
+    last: list[Any] = [None, None, 0]
+    head = model.get_output_embeddings()
+
+    def make_hook(name: str, k: int, is_head: bool):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x_in = args[0]
+            if x_in is not last[0]:
+                x = x_in.detach().reshape(-1, k).float()
+                last[0], last[1], last[2] = x_in, x.t() @ x, x.shape[0]
+            if name not in sums:
+                sums[name] = torch.zeros(k, k, dtype=torch.float32)
+                counts[name] = 0
+            sums[name].add_(last[1].to(sums[name].device))
+            counts[name] += last[2]
+            if is_head:  # the output head is the last module of the forward: skip its matmul
+                raise _StopForward
+
+        return hook
+
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name in names:
+                handles.append(
+                    module.register_forward_pre_hook(make_hook(name, module.in_features, module is head))
+                )
+        device = next(model.parameters()).device
+        for i, window in enumerate(windows):
+            with contextlib.suppress(_StopForward):
+                model(window.unsqueeze(0).to(device), use_cache=False)
+            last[0] = last[1] = None
+            say("calibrating", i + 1, len(windows))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: total.mul_(2.0 / counts[name]) for name, total in sums.items()}
+
+
 @torch.no_grad()
 def collect_hessians(
     model: Any,
@@ -63,74 +125,11 @@ def collect_hessians(
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Module name → ``H = 2/n Σ x xᵀ`` (K, K) float32 over the calibration tokens, for every
-    ``nn.Linear`` of ``model`` (lm_head included), via forward pre-hooks.
-
-    ``text`` is tokenized without special tokens; its first ``n_tokens`` tokens are cut into
-    windows of ``seq_len`` (a trailing partial window is dropped; if the text is shorter than
-    one window, the whole text is one window). Each window is run through the model once.
-    """
-    say = progress or (lambda *_: None)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
-    if not ids:
-        raise ValueError("The calibration text has no tokens.")
-    seq_len = min(seq_len, len(ids))
-    n_win = len(ids) // seq_len
-    windows = torch.tensor(ids[: n_win * seq_len], dtype=torch.long).view(n_win, seq_len)
-
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-    # Linears fed the very same tensor (q/k/v, gate/up) share one x xᵀ product per call: the last
-    # input and its product are kept (holding the tensor keeps the identity check sound).
-    last: list[Any] = [None, None]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-
-    def make_hook(name: str, k: int, stop_after: bool):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            x_in = args[0]
-            if x_in is last[0]:
-                prod = last[1]
-                rows = counts_last[0]
-            else:
-                x = x_in.detach().reshape(-1, k).float()
-                prod = x.t() @ x
-                rows = x.shape[0]
-                last[0], last[1] = x_in, prod
-                counts_last[0] = rows
-            if name not in sums:
-                sums[name] = torch.zeros(k, k, dtype=torch.float32)
-                counts[name] = 0
-            sums[name].add_(prod.to(sums[name].device))
-            counts[name] += rows
-            if stop_after:  # the output head is the last module of the forward: skip its matmul
-                raise _StopForward
-
-        return hook
-
-    counts_last = [0]
-    was_training = model.training
-    try:
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                hook = make_hook(name, module.in_features, module is head)
-                handles.append(module.register_forward_pre_hook(hook))
-        device = next(model.parameters()).device
-        model.eval()
-        for i, window in enumerate(windows):
-            with contextlib.suppress(_StopForward):
-                model(window.unsqueeze(0).to(device), use_cache=False)
-            last[0] = last[1] = None
-            say("calibrating", i + 1, n_win)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-
-    out = {}
-    for name, s in sums.items():
-        s.mul_(2.0 / counts[name])
-        out[name] = s
-    return out
+    ``nn.Linear`` of ``model`` (lm_head included), from the unquantized model in one pass."""
+    windows = calibration_windows(tokenizer, text, n_tokens, seq_len)
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    model.eval()
+    return _accumulate_hessians(model, windows, names, progress)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,28 +11,25 @@ from typing import Any
 
 import torch
 
-from llmopt.quant.checkpoint import plan_layers
+from llmopt.quant.checkpoint import plan_layers, quantize_weight
 from llmopt.quant.kernels import LayerShape
 from llmopt.quant.linear import QuantLinear
-from llmopt.quant.schemes import QuantSpec, quantize_int4, quantize_int8
+from llmopt.quant.schemes import QuantSpec
 
 
 @torch.no_grad()
-def quantize_model_(model: Any, spec: QuantSpec) -> Any:
-    """Replace every linear layer the plan covers with a QuantLinear, on the layer's own device."""
+def quantize_model_(model: Any, spec: QuantSpec, scale_dtype: torch.dtype | None = None) -> Any:
+    """Replace every linear layer the plan covers with a QuantLinear, on the layer's own device.
+
+    ``scale_dtype``: the scales' dtype; by default the weights' own 16-bit dtype, as ``llmopt
+    quantize`` stores them (pass the checkpoint's dtype for a model that was loaded upcast)."""
     plan = plan_layers(model, spec)
     dtype = next(model.parameters()).dtype
     for name, layer in plan.layers.items():
         linear = model.get_submodule(name)
         weight, device = linear.weight, linear.weight.device
         shape = LayerShape(layer.scheme, linear.in_features, linear.out_features, layer.group_size)
-        scale_dtype = weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        zero_point = None
-        if layer.bits == 8:
-            q, scale = quantize_int8(weight, scale_dtype)
-        else:
-            assert layer.group_size is not None
-            q, scale, zero_point = quantize_int4(weight, layer.group_size, scale_dtype)
+        q, scale, zero_point = quantize_weight(weight, layer, scale_dtype=scale_dtype)
         quant = QuantLinear.from_quantized(shape, q, scale, zero_point, linear.bias, device, dtype)
         model.set_submodule(name, quant)
         del linear, weight, q, scale, zero_point
