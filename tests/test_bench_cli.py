@@ -1,6 +1,7 @@
 """`llmopt bench` and `bench --compare` end to end on tiny-random, with tiny lengths."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,37 @@ def test_bad_bench_input(args, code, phrase):
     result = runner.invoke(app, ["bench", "tiny-random", *TINY, *args])
     assert result.exit_code == code, result.output
     assert phrase in result.stderr
+
+
+def test_random_shape_compare_quantizes_in_memory(tmp_path: Path, monkeypatch):
+    # A benchmark shape (like llama-3-8b, but tiny) is built in memory; the "after" is the same
+    # seeded model quantized in place, with no checkpoint on disk and no quality section.
+    from llmopt.models import builtin
+
+    shape = json.loads((builtin.SHAPES_DIR / "llama-3-8b.json").read_text())
+    shape |= {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "vocab_size": 1024,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    path = tmp_path / "tiny-shape.json"
+    path.write_text(json.dumps(shape))
+    monkeypatch.setitem(builtin.RANDOM_SHAPES, "tiny-shape", path)
+    result = runner.invoke(
+        app, ["bench", "--compare", "--before", "tiny-shape", "--scheme", "int4", *TINY, "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    before, after = doc["candidates"]
+    assert after["label"] == "tiny-shape int4 (llmopt)" and after["model"] == "tiny-shape"
+    assert after["weight_bytes"] < 0.6 * before["weight_bytes"]
+    assert doc["quality"] is None
+    assert not list(Path(os.environ["LLMOPT_CACHE_DIR"]).glob("**/tiny-shape*"))  # nothing written
+    quantize = runner.invoke(app, ["quantize", "tiny-shape", "--no-eval"])
+    assert quantize.exit_code == 2 and "only in memory" in quantize.stderr
