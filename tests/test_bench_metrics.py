@@ -57,3 +57,16 @@ def test_floor_formula_matches_the_llama_3_8b_table():
     assert achieved_bandwidth_gb_s(step, floor_ms(step, 4300.0)) == pytest.approx(4300.0)
     # KV grows with context and batch.
     assert decode_bytes_per_step(100, 10, 2, 50, 4) == 100 - 10 + 2 * 50 * 4
+
+
+def test_a_tied_head_counts_the_embedding_table_as_read(tiny_dir):
+    from llmopt.bench.offline import model_bytes
+    from llmopt.models import LoadSpec, load_model
+
+    tied = load_model("tiny-random", LoadSpec(dtype="float32", device="cpu")).model
+    total, unread = model_bytes(tied)
+    assert unread == 0  # the head is the embedding table: every step reads it whole
+    tied.lm_head.weight = type(tied.lm_head.weight)(tied.lm_head.weight.detach().clone())
+    untied_total, unread = model_bytes(tied)
+    table = tied.model.embed_tokens.weight
+    assert unread == table.numel() * 4 and untied_total == total + unread

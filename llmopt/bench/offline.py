@@ -108,7 +108,8 @@ class _StepClock:
 
 
 def model_bytes(model: Any) -> tuple[int, int]:
-    """(bytes of every parameter and persistent buffer at its stored width, bytes of the input embedding)."""
+    """(bytes of every parameter and buffer at its stored width, bytes of the input embedding table
+    that a decode step does not read: 0 when the head is tied to it, since the head reads it whole)."""
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
@@ -117,6 +118,9 @@ def model_bytes(model: Any) -> tuple[int, int]:
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()
     embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is embedding:
+        return total, 0
     return total, embedding.numel() * embedding.element_size()
 
 
