@@ -17,7 +17,7 @@ from llmopt import __version__
 from llmopt.errors import InputError
 from llmopt.models import BUILTIN_MODELS, LoadSpec, load_model, resolve_model
 from llmopt.models.files import ModelFiles, hash_model
-from llmopt.models.loading import has_tokenizer
+from llmopt.models.loading import DTYPES, has_tokenizer
 from llmopt.quant.checkpoint import (
     PROVENANCE_FILE,
     Codes,
@@ -182,7 +182,7 @@ def gptq_codes(
     from llmopt.quant.gptq import collect_hessians
 
     stored = str(files.config.get("dtype") or files.config.get("torch_dtype") or "float32")
-    scale_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(stored, torch.float32)
+    scale_dtype = DTYPES.get(stored, torch.float32)
     load = LoadSpec(dtype="float32", trust_remote_code=spec.trust_remote_code, allow_pickle=spec.allow_pickle)
     model = load_model(files, load)
     text = (resources.files("llmopt") / "data" / "persuasion_calib.txt").read_text(encoding="utf-8")
