@@ -133,9 +133,8 @@ def quantize_checkpoint(
     return result
 
 
-CALIBRATION_TOKENS = (
-    8192  # from llmopt/data/persuasion_calib.txt, which the evaluation slice does not overlap
-)
+# Calibration text: llmopt/data/persuasion_calib.txt, which the evaluation slice does not overlap.
+CALIBRATION_TOKENS = 8192
 CALIBRATION_WINDOW = 512
 
 

@@ -152,7 +152,7 @@ def _quantized_tensors(
     name: str, weight: torch.Tensor, layer: LayerQuant, codes: Codes | None
 ) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one linear, in compressed-tensors' pack-quantized layout
-    (``codes``: already computed, e.g. by sequential GPTQ; else round-to-nearest now)."""
+    (``codes``: already computed, e.g. by GPTQ; else round-to-nearest now)."""
     q, scale, zero_point = codes if codes is not None else quantize_weight(weight, layer)
     out = {"weight_scale": scale, "weight_packed": pack_int32(q, layer.bits)}
     if zero_point is not None:

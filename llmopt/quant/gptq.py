@@ -65,15 +65,19 @@ def calibration_windows(tokenizer: Any, text: str, n_tokens: int, seq_len: int) 
 
 
 @torch.no_grad()
-def _accumulate_hessians(
+def collect_hessians(
     model: Any,
-    windows: torch.Tensor,
-    names: set[str],
+    tokenizer: Any,
+    text: str,
+    n_tokens: int = 8192,
+    seq_len: int = 512,
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``H = 2/n Σ x xᵀ`` for the linears in ``names``, running each window through the model up to
-    the output head's input."""
+    """Module name → ``H = 2/n Σ x xᵀ`` (K, K) float32 over the calibration tokens, for every
+    ``nn.Linear`` of ``model`` (lm_head included), from the unquantized model in one pass."""
     say = progress or (lambda *_: None)
+    windows = calibration_windows(tokenizer, text, n_tokens, seq_len)
+    model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     # Linears fed the very same tensor (q/k/v, gate/up) share one x xᵀ product per call.
@@ -99,7 +103,7 @@ def _accumulate_hessians(
     handles = []
     try:
         for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and name in names:
+            if isinstance(module, nn.Linear):
                 handles.append(
                     module.register_forward_pre_hook(make_hook(name, module.in_features, module is head))
                 )
@@ -113,23 +117,6 @@ def _accumulate_hessians(
         for h in handles:
             h.remove()
     return {name: total.mul_(2.0 / counts[name]) for name, total in sums.items()}
-
-
-@torch.no_grad()
-def collect_hessians(
-    model: Any,
-    tokenizer: Any,
-    text: str,
-    n_tokens: int = 8192,
-    seq_len: int = 512,
-    progress: Progress | None = None,
-) -> dict[str, torch.Tensor]:
-    """Module name → ``H = 2/n Σ x xᵀ`` (K, K) float32 over the calibration tokens, for every
-    ``nn.Linear`` of ``model`` (lm_head included), from the unquantized model in one pass."""
-    windows = calibration_windows(tokenizer, text, n_tokens, seq_len)
-    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    model.eval()
-    return _accumulate_hessians(model, windows, names, progress)
 
 
 # --------------------------------------------------------------------------------------------
