@@ -1,0 +1,269 @@
+"""llmopt's own decoder for the Llama family (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, SmolLM).
+
+The model is built from a loaded transformers model by *taking over its modules*: the embedding,
+the norms' weights and every projection (``nn.Linear`` or llmopt's ``QuantLinear``) are reused
+as they are, so a quantized checkpoint runs through the foundation's kernels and no weight is
+copied. Float q/k/v and gate/up projections are fused into one matmul each (the activation is
+read once, launches halve); the originals are released layer by layer, so the peak stays at one
+layer above the model's size.
+
+Every forward works on rows that map to a contiguous range of cache slots, at explicit
+positions: prefill of one sequence (rows = 1, T tokens) and decode of a slot bucket (rows = B,
+T = 1) are the same code. Keys and values go straight into the slot's cache; attention reads the
+slot's first ``attn_len`` positions under a mask built from each row's own position (and the
+layer's sliding window), so rows of different lengths share one step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmopt.engine.kv_cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "proportional")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What the forward needs to know about the architecture, read from the HF config."""
+
+    model_type: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_eps: float
+    windows: tuple[int | None, ...]  # per layer: sliding window in tokens, or None for full attention
+    qk_norm: bool
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+def unsupported_reason(hf_model: Any) -> str | None:
+    """Why llmopt's own model code cannot run this transformers model, or None if it can."""
+    config = hf_model.config
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"architecture '{model_type}' is not one of llmopt's own ({', '.join(SUPPORTED_MODEL_TYPES)})"
+    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
+    rope_type = getattr(rotary, "rope_type", None)
+    if rotary is None or rope_type not in STATIC_ROPE_TYPES:
+        return f"rope type '{rope_type}' depends on the sequence length"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation '{config.hidden_act}' is not SiLU"
+    return None
+
+
+def arch_spec(config: Any) -> ArchSpec:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        windows = tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+    else:
+        windows = tuple(window for _ in range(n_layers))
+    return ArchSpec(
+        model_type=config.model_type,
+        n_layers=n_layers,
+        hidden=config.hidden_size,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        rms_eps=config.rms_norm_eps,
+        windows=windows,
+        qk_norm=config.model_type == "qwen3",
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Exactly transformers' Llama RMSNorm: normalise in fp32, cast back, then scale."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split layout transformers uses; cos/sin are [B, T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Projections(nn.Module):
+    """Several linears over the same input: one fused matmul when they are plain float linears,
+    otherwise each module as loaded (QuantLinear keeps its own kernel)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.sizes = [m.out_features for m in modules]
+        fusable = all(type(m) is nn.Linear for m in modules) and len({m.weight.dtype for m in modules}) == 1
+        if fusable and len(modules) > 1:
+            weight = torch.cat([m.weight.detach() for m in modules])
+            has_bias = any(m.bias is not None for m in modules)
+            fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+            fused.weight = nn.Parameter(weight, requires_grad=False)
+            if has_bias:
+                biases = [
+                    m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in modules
+                ]
+                fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+            for m in modules:  # release the originals now: the fused copy replaces them
+                m.weight = None
+                m.bias = None
+            self.parts = nn.ModuleList([fused])
+        else:
+            self.parts = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(self.parts) == 1 and len(self.sizes) > 1:
+            return tuple(self.parts[0](x).split(self.sizes, dim=-1))
+        return tuple(part(x) for part in self.parts)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_layer: Any, spec: ArchSpec, index: int) -> None:
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.spec = spec
+        self.index = index
+        self.window = spec.windows[index]
+        self.attn_norm = hf_layer.input_layernorm.weight
+        self.mlp_norm = hf_layer.post_attention_layernorm.weight
+        self.qkv = Projections([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = attn.o_proj
+        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+        self.q_norm = attn.q_norm.weight if spec.qk_norm else None
+        self.k_norm = attn.k_norm.weight if spec.qk_norm else None
+        self.scale = spec.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        masks: dict[int | None, torch.Tensor],
+        cache: KVCache,
+        slot_start: int,
+        positions: torch.Tensor,
+        attn_len: int,
+    ) -> torch.Tensor:
+        spec = self.spec
+        b, t, _ = x.shape
+        h = rms_norm(x, self.attn_norm, spec.rms_eps)
+        q, k, v = self.qkv(h)
+        q = q.view(b, t, spec.n_heads, spec.head_dim)
+        k = k.view(b, t, spec.n_kv_heads, spec.head_dim)
+        v = v.view(b, t, spec.n_kv_heads, spec.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = rms_norm(q, self.q_norm, spec.rms_eps)
+            k = rms_norm(k, self.k_norm, spec.rms_eps)
+        cos, sin = rope
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k_cache, v_cache = cache.layer(self.index, slot_start, b)
+        rows = torch.arange(b, device=x.device).unsqueeze(1)
+        k_cache[rows, :, positions] = k.to(k_cache.dtype)  # [B, T, KV, D] into [B, KV, S, D]
+        v_cache[rows, :, positions] = v.to(v_cache.dtype)
+        # Grouped-query attention without copying the cache: the G query heads of one KV head
+        # become G*T rows of that head.
+        g = spec.group
+        q = q.view(b, t, spec.n_kv_heads, g, spec.head_dim).permute(0, 2, 3, 1, 4)
+        q = q.reshape(b, spec.n_kv_heads, g * t, spec.head_dim)
+        out = F.scaled_dot_product_attention(
+            q,
+            k_cache[:, :, :attn_len],
+            v_cache[:, :, :attn_len],
+            attn_mask=masks[self.window],
+            scale=self.scale,
+        )
+        out = out.view(b, spec.n_kv_heads, g, t, spec.head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
+        x = x + self.o_proj(out)
+        h = rms_norm(x, self.mlp_norm, spec.rms_eps)
+        gate, up = self.gate_up(h)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class DecoderModel(nn.Module):
+    """The whole decoder over a slot cache. ``forward`` returns logits for the rows' last tokens."""
+
+    def __init__(self, hf_model: Any) -> None:
+        super().__init__()
+        reason = unsupported_reason(hf_model)
+        if reason:
+            raise ValueError(reason)
+        self.config = hf_model.config
+        self.spec = arch_spec(hf_model.config)
+        inner = hf_model.model
+        self.embed = inner.embed_tokens
+        self.layers = nn.ModuleList(DecoderLayer(layer, self.spec, i) for i, layer in enumerate(inner.layers))
+        self.norm = inner.norm.weight
+        self.lm_head = hf_model.lm_head
+        rotary = inner.rotary_emb
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def build_rope(self, n_positions: int) -> None:
+        """cos/sin tables for positions 0..n_positions-1, computed in fp32 as transformers does."""
+        positions = torch.arange(n_positions, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq.to(self.device))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.rope_cos = (emb.cos() * self.attention_scaling).to(self.dtype)
+        self.rope_sin = (emb.sin() * self.attention_scaling).to(self.dtype)
+
+    def masks(self, positions: torch.Tensor, attn_len: int) -> dict[int | None, torch.Tensor]:
+        """Boolean masks [B, 1, G*T, attn_len]: key s is visible to a row at position p when
+        s <= p (and s > p - window for a sliding-window layer)."""
+        keys = torch.arange(attn_len, device=positions.device)
+        b, t = positions.shape
+        masks: dict[int | None, torch.Tensor] = {}
+        for window in set(self.spec.windows):
+            pos = positions.unsqueeze(-1)
+            visible = keys <= pos
+            if window is not None:
+                visible = visible & (keys > pos - window)
+            visible = visible.unsqueeze(1).expand(b, self.spec.group, t, attn_len)
+            masks[window] = visible.reshape(b, 1, self.spec.group * t, attn_len)
+        return masks
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        slot_start: int,
+        attn_len: int,
+        want_logits: bool = True,
+    ) -> torch.Tensor | None:
+        """tokens/positions [B, T] for slots slot_start..slot_start+B-1; logits [B, V] (fp32) of
+        each row's last token, or None when the caller only fills the cache (a prefill chunk)."""
+        assert self.rope_cos is not None and self.rope_sin is not None, "call build_rope() first"
+        x = self.embed(tokens)
+        rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
+        masks = self.masks(positions, attn_len)
+        for layer in self.layers:
+            x = layer(x, rope, masks, cache, slot_start, positions, attn_len)
+        if not want_logits:
+            return None
+        x = rms_norm(x[:, -1], self.norm, self.spec.rms_eps)
+        return self.lm_head(x).float()

@@ -1,0 +1,195 @@
+"""Model runners: what the scheduler calls to fill a slot's cache (prefill) and to advance a set of
+slots by one token (decode).
+
+``DecoderRunner`` runs llmopt's own model over the slot cache. Decode always runs a bucket of
+slots 0..B-1 (B from ``batch_buckets``) over the first L cache positions (L a power of two
+covering the longest row), so its shapes are fixed per (B, L). On CUDA each (B, L) step is
+captured once as a CUDA graph and replayed: one launch per step instead of hundreds, which is
+what lets a batch-1 decode approach the memory-bandwidth floor. Idle rows of a bucket run at the
+cache's scratch position and their outputs are ignored.
+
+``TransformersRunner`` runs any other causal LM through transformers, one sequence at a time
+with its own dynamic cache per slot: slow, but every model works.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from llmopt.engine.kv_cache import CacheShape, KVCache
+from llmopt.engine.model import DecoderModel
+
+MIN_ATTN_BUCKET = 64
+
+
+class Runner(Protocol):
+    max_batch: int
+    max_seq: int
+    device: torch.device
+    vocab_size: int
+    capture_s: float
+
+    def prefill(self, slot: int, tokens: Sequence[int], start: int, want_logits: bool) -> torch.Tensor | None: ...
+
+    def decode(self, slots: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor: ...
+
+    def release(self, slot: int) -> None: ...
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then multiples of 8 up to 32, then of 16: few graphs, little padding."""
+    buckets = [b for b in (1, 2, 4) if b < max_batch]
+    size = 8
+    while size < max_batch:
+        buckets.append(size)
+        size += 8 if size < 32 else 16
+    buckets.append(max_batch)
+    return sorted(set(buckets))
+
+
+def attention_bucket(longest: int, max_seq: int) -> int:
+    """Smallest power of two ≥ longest (at least MIN_ATTN_BUCKET), capped at the cache length."""
+    size = MIN_ATTN_BUCKET
+    while size < longest:
+        size *= 2
+    return min(size, max_seq + 1)
+
+
+class _Graph:
+    def __init__(self, graph: Any, logits: torch.Tensor) -> None:
+        self.graph = graph
+        self.logits = logits
+
+
+class DecoderRunner:
+    def __init__(
+        self, model: DecoderModel, max_batch: int, max_seq: int, use_graphs: bool | None = None
+    ) -> None:
+        spec = model.spec
+        self.model = model
+        self.device = model.device
+        self.max_batch = max_batch
+        self.max_seq = max_seq
+        self.vocab_size = spec.vocab_size
+        self.cache = KVCache(
+            CacheShape(spec.n_layers, max_batch, max_seq, spec.n_kv_heads, spec.head_dim, model.dtype), self.device
+        )
+        model.build_rope(max_seq + 1)
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.buckets = batch_buckets(max_batch)
+        self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.full((max_batch, 1), max_seq, dtype=torch.long, device=self.device)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool: Any = None
+        self.capture_s = 0.0
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: Sequence[int], start: int, want_logits: bool) -> torch.Tensor | None:
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, start + len(tokens), device=self.device).unsqueeze(0)
+        attn_len = attention_bucket(start + len(tokens), self.max_seq)
+        logits = self.model(ids, pos, self.cache, slot, attn_len, want_logits=want_logits)
+        return None if logits is None else logits[0]
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """Logits [len(slots), V] for one new token per slot (tokens on the device, [len(slots)])."""
+        rows = max(slots) + 1
+        bucket = next(b for b in self.buckets if b >= rows)
+        attn_len = attention_bucket(max(positions) + 1, self.max_seq)
+        index = torch.tensor(list(slots), device=self.device)
+        self.positions[:bucket].fill_(self.cache.scratch_position)
+        self.positions[index, 0] = torch.tensor(list(positions), device=self.device)
+        self.tokens[index, 0] = tokens
+        if not self.use_graphs:
+            logits = self.model(
+                self.tokens[:bucket], self.positions[:bucket], self.cache, 0, attn_len
+            )
+            assert logits is not None
+            return logits[index]
+        graph = self.graphs.get((bucket, attn_len)) or self._capture(bucket, attn_len)
+        graph.graph.replay()
+        return graph.logits[index]
+
+    def _capture(self, bucket: int, attn_len: int) -> _Graph:
+        start = time.perf_counter()
+        tokens, positions = self.tokens[:bucket], self.positions[:bucket]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, autotuning
+            for _ in range(2):
+                self.model(tokens, positions, self.cache, 0, attn_len)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model(tokens, positions, self.cache, 0, attn_len)
+        assert logits is not None
+        self.pool = graph.pool()
+        captured = _Graph(graph, logits)
+        self.graphs[(bucket, attn_len)] = captured
+        self.capture_s += time.perf_counter() - start
+        return captured
+
+    @torch.inference_mode()
+    def capture_all(self, attn_lens: Sequence[int]) -> float:
+        """Capture every batch bucket at the given attention lengths now (e.g. before timing)."""
+        if self.use_graphs:
+            for bucket in self.buckets:
+                for attn_len in attn_lens:
+                    if (bucket, attn_len) not in self.graphs:
+                        self.positions[:bucket].fill_(self.cache.scratch_position)
+                        self._capture(bucket, attn_len)
+        return self.capture_s
+
+    def release(self, slot: int) -> None:
+        """Nothing to free: the next owner's prefill overwrites the positions it will read."""
+
+
+class TransformersRunner:
+    """Any causal LM, one sequence at a time, each slot with its own transformers cache."""
+
+    def __init__(self, hf_model: Any, max_batch: int, max_seq: int) -> None:
+        self.model = hf_model
+        self.device = next(hf_model.parameters()).device
+        self.max_batch = max_batch
+        self.max_seq = max_seq
+        self.vocab_size = hf_model.config.vocab_size
+        self.caches: dict[int, Any] = {}
+        self.capture_s = 0.0
+
+    @torch.inference_mode()
+    def _forward(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        if start == 0:
+            self.caches[slot] = DynamicCache(config=self.model.config)
+        cache = self.caches[slot]
+        positions = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0)
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            attention_mask=torch.ones(1, start + ids.shape[1], dtype=torch.long, device=self.device),
+        )
+        self.caches[slot] = out.past_key_values
+        return out.logits[0, -1].float()
+
+    def prefill(self, slot: int, tokens: Sequence[int], start: int, want_logits: bool) -> torch.Tensor | None:
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        logits = self._forward(slot, ids, start)
+        return logits if want_logits else None
+
+    def decode(self, slots: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        rows = [
+            self._forward(slot, tokens[i].view(1, 1), position)
+            for i, (slot, position) in enumerate(zip(slots, positions, strict=True))
+        ]
+        return torch.stack(rows)
+
+    def release(self, slot: int) -> None:
+        self.caches.pop(slot, None)
