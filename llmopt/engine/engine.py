@@ -157,7 +157,9 @@ class Engine:
         self.running: list[Request] = []  # slot owners, in admission order
         self.by_id: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.seen = torch.zeros(self.config.max_batch, runner.vocab_size, dtype=torch.bool, device=self.device)
+        self.seen = torch.zeros(
+            self.config.max_batch, runner.vocab_size, dtype=torch.bool, device=self.device
+        )
         self._background: Any = None
 
     @classmethod
@@ -352,7 +354,12 @@ class Engine:
         return self._finish(request, reason, text, [token], cut=hit)
 
     def _finish(
-        self, request: Request, reason: str, text: str = "", token_ids: list[int] | None = None, cut: bool = False
+        self,
+        request: Request,
+        reason: str,
+        text: str = "",
+        token_ids: list[int] | None = None,
+        cut: bool = False,
     ) -> Delta:
         """End a request, free its slot and send its last delta. Unless a stop string already cut
         the text (``cut``), release what the detokenizer and the stop matcher still hold."""

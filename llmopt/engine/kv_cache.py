@@ -51,9 +51,7 @@ class KVCache:
         return self.keys[index][slot_start:end], self.values[index][slot_start:end]
 
 
-def fit_max_batch(
-    per_token_bytes: int, max_seq: int, free_bytes: int, reserve_fraction: float = 0.1
-) -> int:
+def fit_max_batch(per_token_bytes: int, max_seq: int, free_bytes: int, reserve_fraction: float = 0.1) -> int:
     """How many sequences of ``max_seq`` tokens fit in the free memory, keeping a reserve for
     activations and graphs; used when the user asks the cache to fill the device."""
     usable = int(free_bytes * (1.0 - reserve_fraction))

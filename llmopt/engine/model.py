@@ -105,9 +105,9 @@ class Projections(nn.Module):
     """Several linears over the same input: one fused matmul when they are plain float linears,
     otherwise each module as loaded (QuantLinear keeps its own kernel)."""
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, modules: list[Any]) -> None:
         super().__init__()
-        self.sizes = [m.out_features for m in modules]
+        self.sizes = [int(m.out_features) for m in modules]
         fusable = all(type(m) is nn.Linear for m in modules) and len({m.weight.dtype for m in modules}) == 1
         if fusable and len(modules) > 1:
             weight = torch.cat([m.weight.detach() for m in modules])
@@ -116,7 +116,8 @@ class Projections(nn.Module):
             fused.weight = nn.Parameter(weight, requires_grad=False)
             if has_bias:
                 biases = [
-                    m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in modules
+                    m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features)
+                    for m in modules
                 ]
                 fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
             for m in modules:  # release the originals now: the fused copy replaces them
@@ -226,7 +227,8 @@ class DecoderModel(nn.Module):
     def build_rope(self, n_positions: int) -> None:
         """cos/sin tables for positions 0..n_positions-1, computed in fp32 as transformers does."""
         positions = torch.arange(n_positions, device=self.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq.to(self.device))
+        inv_freq: torch.Tensor = self.inv_freq  # type: ignore[assignment]
+        freqs = torch.outer(positions, inv_freq.to(self.device))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rope_cos = (emb.cos() * self.attention_scaling).to(self.dtype)
         self.rope_sin = (emb.sin() * self.attention_scaling).to(self.dtype)

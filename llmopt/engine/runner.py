@@ -33,9 +33,13 @@ class Runner(Protocol):
     vocab_size: int
     capture_s: float
 
-    def prefill(self, slot: int, tokens: Sequence[int], start: int, want_logits: bool) -> torch.Tensor | None: ...
+    def prefill(
+        self, slot: int, tokens: Sequence[int], start: int, want_logits: bool
+    ) -> torch.Tensor | None: ...
 
-    def decode(self, slots: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor: ...
+    def decode(
+        self, slots: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]
+    ) -> torch.Tensor: ...
 
     def release(self, slot: int) -> None: ...
 
@@ -76,7 +80,8 @@ class DecoderRunner:
         self.max_seq = max_seq
         self.vocab_size = spec.vocab_size
         self.cache = KVCache(
-            CacheShape(spec.n_layers, max_batch, max_seq, spec.n_kv_heads, spec.head_dim, model.dtype), self.device
+            CacheShape(spec.n_layers, max_batch, max_seq, spec.n_kv_heads, spec.head_dim, model.dtype),
+            self.device,
         )
         model.build_rope(max_seq + 1)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
@@ -106,9 +111,7 @@ class DecoderRunner:
         self.positions[index, 0] = torch.tensor(list(positions), device=self.device)
         self.tokens[index, 0] = tokens
         if not self.use_graphs:
-            logits = self.model(
-                self.tokens[:bucket], self.positions[:bucket], self.cache, 0, attn_len
-            )
+            logits = self.model(self.tokens[:bucket], self.positions[:bucket], self.cache, 0, attn_len)
             assert logits is not None
             return logits[index]
         graph = self.graphs.get((bucket, attn_len)) or self._capture(bucket, attn_len)

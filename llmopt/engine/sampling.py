@@ -95,7 +95,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     ordered = ordered.masked_fill(rank >= k.unsqueeze(1), float("-inf"))
     probs = ordered.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly above each candidate
-    keep = (before < top_p.unsqueeze(1)) & (rank < k.unsqueeze(1))
+    keep = ((before < top_p.unsqueeze(1)) | (top_p >= 1.0).unsqueeze(1)) & (rank < k.unsqueeze(1))
     keep[:, 0] = True
     kept = keep.sum(dim=-1, keepdim=True)
     threshold = ordered.gather(1, kept - 1)
