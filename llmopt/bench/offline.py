@@ -7,6 +7,7 @@ inter-token gaps and end-to-end latency for every sequence of the batch.
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import time
@@ -26,10 +27,10 @@ from llmopt.bench.metrics import (
     summarize_requests,
 )
 from llmopt.device import resolve_device, synchronize
-from llmopt.errors import InputError, NotYetAvailableError
+from llmopt.errors import InputError
 from llmopt.models import LoadSpec, load_model
 
-ENGINES = ("transformers", "llmopt")
+ENGINES = ("transformers", "transformers-compile", "llmopt")
 Progress = Callable[[str, int, int], None]
 
 
@@ -60,6 +61,7 @@ class BenchSpec:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # the candidates' activation dtype: auto = checkpoint dtype on GPU, fp32 on CPU
+    compile: bool = False  # llmopt engine: torch.compile its decode step too
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -89,6 +91,7 @@ class CandidateResult:
     embedding_bytes: int
     kv_bytes_per_token: int
     batches: list[BatchResult] = field(default_factory=list)
+    capture_s: float = 0.0  # llmopt engine: CUDA-graph capture time, included in the warm-ups
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,8 +140,10 @@ def seeded_prompts(spec: BenchSpec, batch: int, vocab_size: int, device: torch.d
 
 
 def _generate_once(
-    model: Any, prompts: torch.Tensor, spec: BenchSpec, device: torch.device
+    model: Any, prompts: torch.Tensor, spec: BenchSpec, device: torch.device, static_cache: bool = False
 ) -> list[RequestRecord]:
+    """transformers' generate(); with ``static_cache`` its static cache, which on a GPU makes
+    transformers compile the decode step (torch.compile, mode reduce-overhead)."""
     from transformers import LogitsProcessorList
 
     clock = _StepClock(device)
@@ -153,6 +158,7 @@ def _generate_once(
             do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
             pad_token_id=model.generation_config.pad_token_id or 0,
+            **({"cache_implementation": "static"} if static_cache else {}),
         )
     synchronize(device)
     end = time.perf_counter()
@@ -171,6 +177,28 @@ def _generate_once(
     ]
 
 
+def _engine_generate_once(engine: Any, prompts: torch.Tensor, spec: BenchSpec) -> list[RequestRecord]:
+    """llmopt's engine on the same prompts: all submitted at once, timed from the submission."""
+    from llmopt.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=spec.gen_len, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts.tolist(), params)
+    records = []
+    for out in outputs:
+        times = [t - start for t in out.token_times]
+        records.append(
+            RequestRecord(
+                prompt_tokens=len(out.prompt_token_ids),
+                output_tokens=len(out.token_ids),
+                ttft_s=times[0],
+                itl_s=[b - a for a, b in itertools.pairwise(times)],
+                latency_s=times[-1],
+            )
+        )
+    return records
+
+
 def _summarize_runs(runs: list[dict[str, float]]) -> dict[str, float]:
     keys = runs[0].keys()
     summary: dict[str, float] = {}
@@ -187,11 +215,8 @@ def bench_candidate(
 ) -> CandidateResult:
     """Load one candidate and measure it at every batch size; frees it before returning."""
     say = progress or (lambda *_: None)
-    if candidate.engine == "llmopt":
-        raise NotYetAvailableError(
-            "llmopt's own engine has not landed yet; measure with the transformers engine "
-            f"('{candidate.model}:transformers'), which runs llmopt's quantized modules."
-        )
+    if candidate.engine not in ENGINES:
+        raise InputError(f"Unknown engine '{candidate.engine}'. Use one of: {', '.join(ENGINES)}.")
     gc.collect()
     baseline = baseline_bytes(resolve_device(spec.device))
     load_start = time.perf_counter()
@@ -202,9 +227,26 @@ def bench_candidate(
         from llmopt.quant.schemes import QuantSpec
 
         quantize_model_(model, QuantSpec(candidate.quantize))
-    load_s = time.perf_counter() - load_start
-    weights, embedding = model_bytes(model)
+    weights, embedding = model_bytes(model)  # before the engine fuses projections (same bytes)
     kv_per_token = kv_bytes_per_token(model.config, loaded.dtype)
+    run_once: Callable[[torch.Tensor], list[RequestRecord]]
+    engine: Any = None
+    if candidate.engine == "llmopt":
+        from llmopt.engine import Engine, EngineConfig
+
+        longest = max(spec.batch_sizes)
+        config = EngineConfig(
+            max_batch=longest,
+            max_seq=spec.prompt_len + spec.gen_len,
+            prefill_chunk=longest * spec.prompt_len,  # prefill the whole batch first, as generate() does
+            compile=spec.compile,
+        )
+        engine = Engine(model, loaded.tokenizer, config)
+        run_once = functools.partial(_engine_generate_once, engine, spec=spec)
+    else:
+        static = candidate.engine == "transformers-compile"
+        run_once = functools.partial(_generate_once, model, spec=spec, device=device, static_cache=static)
+    load_s = time.perf_counter() - load_start
     result = CandidateResult(
         candidate.label or candidate.model,
         candidate.model,
@@ -218,14 +260,14 @@ def bench_candidate(
     for batch in spec.batch_sizes:
         prompts = seeded_prompts(spec, batch, model.config.vocab_size, device)
         warm_start = time.perf_counter()
-        _generate_once(model, prompts, spec, device)  # warm-up: allocations, kernels, caches
+        run_once(prompts)  # warm-up: allocations, kernels, graph capture, compilation
         warmup_s = time.perf_counter() - warm_start
         runs: list[dict[str, Any]] = []
         summaries: list[dict[str, float]] = []
         for i in range(spec.runs):
             say(f"{result.label}: batch {batch}", i + 1, spec.runs)
             reset_peak(device)
-            records = _generate_once(model, prompts, spec, device)
+            records = run_once(prompts)
             wall = max(r.latency_s or 0.0 for r in records)
             summary = summarize_requests(records, wall)
             summary["peak_mem_gib"] = (peak_bytes(device) - baseline) / 2**30
@@ -241,7 +283,9 @@ def bench_candidate(
         combined["achieved_gb_s"] = achieved_bandwidth_gb_s(step_bytes, combined["tpot_ms_p50"])
         combined["floor_pct"] = 100.0 * combined["floor_ms"] / combined["tpot_ms_p50"]
         result.batches.append(BatchResult(batch, warmup_s, runs, combined))
-    del model, loaded
+    if engine is not None:
+        result.capture_s = engine.runner.capture_s
+    del model, loaded, engine, run_once
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -32,7 +32,11 @@ def _check_writable(path: Path | None, option: str) -> None:
 def bench(
     model: Annotated[str, typer.Argument(help="Model to measure (ignored with --compare).")] = "smollm2-135m",
     engine: Annotated[
-        str, typer.Option(help="transformers (generate()) or llmopt (its own engine).")
+        str,
+        typer.Option(
+            help="llmopt (its own engine), transformers (generate()) or transformers-compile "
+            "(static cache; compiled on GPU)."
+        ),
     ] = "transformers",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens (seeded random ids).")] = 128,
@@ -43,6 +47,9 @@ def bench(
     dtype: Annotated[
         str, typer.Option(help="auto (checkpoint dtype on GPU, fp32 on CPU), bf16, fp16, fp32.")
     ] = "auto",
+    compile_step: Annotated[
+        bool, typer.Option("--compile", help="llmopt engine: also torch.compile the decode step.")
+    ] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Measure --before against --after.")] = False,
     before: Annotated[str | None, typer.Option(help="MODEL[:ENGINE] before (default smollm2-135m).")] = None,
     after: Annotated[str | None, typer.Option(help="MODEL[:ENGINE] after (default: before's int8).")] = None,
@@ -74,6 +81,7 @@ def bench(
         seed=seed,
         device=device,
         dtype=dtype,
+        compile=compile_step,
     )
     _check_writable(save, "--save")
     _check_writable(plot, "--plot")

@@ -41,6 +41,7 @@ class EngineConfig:
     max_seq: int = 2048  # prompt + generated tokens per sequence
     prefill_chunk: int = 512  # prompt tokens prefilled per step
     cuda_graphs: bool | None = None  # None: on for CUDA devices
+    compile: bool = False  # torch.compile the decode step (fuses elementwise work; compiles per shape)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -140,7 +141,11 @@ class Engine:
         if reason is None:
             self.backend = "llmopt"
             runner = DecoderRunner(
-                DecoderModel(model), self.config.max_batch, self.config.max_seq, self.config.cuda_graphs
+                DecoderModel(model),
+                self.config.max_batch,
+                self.config.max_seq,
+                self.config.cuda_graphs,
+                self.config.compile,
             )
         else:
             self.backend = "transformers"

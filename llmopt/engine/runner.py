@@ -71,7 +71,12 @@ class _Graph:
 
 class DecoderRunner:
     def __init__(
-        self, model: DecoderModel, max_batch: int, max_seq: int, use_graphs: bool | None = None
+        self,
+        model: DecoderModel,
+        max_batch: int,
+        max_seq: int,
+        use_graphs: bool | None = None,
+        compile_decode: bool = False,
     ) -> None:
         spec = model.spec
         self.model = model
@@ -91,6 +96,12 @@ class DecoderRunner:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool: Any = None
         self.capture_s = 0.0
+        self.step_model: Any = model
+        if compile_decode:  # inductor fuses the norms, rotary, residuals and activations of each layer
+            import torch._dynamo as dynamo
+
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
+            self.step_model = torch.compile(model, dynamic=False)
 
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: Sequence[int], start: int, want_logits: bool) -> torch.Tensor | None:
@@ -111,7 +122,7 @@ class DecoderRunner:
         self.positions[index, 0] = torch.tensor(list(positions), device=self.device)
         self.tokens[index, 0] = tokens
         if not self.use_graphs:
-            logits = self.model(self.tokens[:bucket], self.positions[:bucket], self.cache, 0, attn_len)
+            logits = self.step_model(self.tokens[:bucket], self.positions[:bucket], self.cache, 0, attn_len)
             assert logits is not None
             return logits[index]
         graph = self.graphs.get((bucket, attn_len)) or self._capture(bucket, attn_len)
@@ -125,11 +136,11 @@ class DecoderRunner:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, autotuning
             for _ in range(2):
-                self.model(tokens, positions, self.cache, 0, attn_len)
+                self.step_model(tokens, positions, self.cache, 0, attn_len)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model(tokens, positions, self.cache, 0, attn_len)
+            logits = self.step_model(tokens, positions, self.cache, 0, attn_len)
         assert logits is not None
         self.pool = graph.pool()
         captured = _Graph(graph, logits)

@@ -1,0 +1,212 @@
+"""Benchmark of record for llmopt's engine (../shared/GPU.md protocol): Llama-3-8B shape, seeded
+random bf16 weights, one GPU. Every result is appended to $OUT/engine-<part>.json as soon as it exists.
+
+    python examples/gpu_engine_bench.py engine     # correctness on the card, engine decode, breakdown, TTFT
+    python examples/gpu_engine_bench.py baselines  # transformers eager and static cache + torch.compile
+
+Part `engine`:
+1. Correctness first: the engine's logits against transformers' (bf16) on the same weights, and
+   greedy tokens of both for a prompt.
+2. `bench_candidate` (the code behind `llmopt bench`) for the engine at batch 1, 8, 32, 128, prompt
+   128, gen 128: CUDA graphs; then the same with the decode step also torch.compile'd.
+3. Step time split at batch 1, 32, 128: kernel time by class (weight matmuls, attention, other
+   kernels) from a profiled step, against the replayed graph's wall time (the rest is overhead).
+4. Time to first token for a 1,024-token prompt, and its FLOP rate against a large bf16 matmul's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmopt.bench.compare import measure_copy_bandwidth_gb_s
+from llmopt.bench.offline import BenchSpec, Candidate, bench_candidate
+from llmopt.engine import Engine, EngineConfig, SamplingParams
+from llmopt.engine.runner import DecoderRunner
+from llmopt.models import LoadSpec, load_model
+
+OUT = Path(os.environ.get("OUT", "bench-out"))
+MODEL = os.environ.get("MODEL", "llama-3-8b")
+BATCHES = tuple(int(b) for b in os.environ.get("BATCHES", "1,8,32,128").split(","))
+RESULTS: dict = {}
+
+
+def save(part: str, key: str, value) -> None:
+    RESULTS[key] = value
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"engine-{part}.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+    print(f"== {key}: {json.dumps(value, default=str)[:1500]}", flush=True)
+
+
+def summaries(result) -> list[dict]:
+    return [
+        {"batch": b.batch_size, "warmup_s": b.warmup_s}
+        | {k: v for k, v in b.summary.items() if not k.endswith(("_min", "_max"))}
+        for b in result.batches
+    ]
+
+
+def timed(fn, reps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def correctness() -> dict:
+    loaded = load_model(MODEL, LoadSpec(device="cuda"))
+    hf = loaded.model
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.randint(10, hf.config.vocab_size, (1, 200), generator=gen).cuda()
+    with torch.no_grad():
+        ref = hf(seq).logits[0].float()
+        ref_greedy = hf.generate(seq[:, :100], max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, 100:]
+    engine = Engine(hf, None, EngineConfig(max_batch=2, max_seq=256))
+    runner = engine.runner
+    prefill = runner.prefill(1, seq[0, :150].tolist(), 0, True)
+    errs = [(prefill - ref[149]).abs().max().item()]
+    for p in range(150, 200):
+        logits = runner.decode([1], seq[0, p : p + 1], [p])
+        errs.append((logits[0] - ref[p]).abs().max().item())
+    [out] = engine.generate([seq[0, :100].tolist()], SamplingParams(max_new_tokens=32, ignore_eos=True))
+    agree = sum(a == b for a, b in zip(out.token_ids, ref_greedy.tolist(), strict=True))
+    scale = ref.abs().max().item()
+    del engine, hf, loaded, runner
+    torch.cuda.empty_cache()
+    return {"max_abs_logit_err": max(errs), "ref_max_abs_logit": scale, "greedy_tokens_agree": f"{agree}/32"}
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ("fmha", "attention", "flash", "sdpa", "efficient")):
+        return "attention"
+    if any(k in low for k in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90", "splitk", "matmul", "mma")):
+        return "weights"
+    return "other"
+
+
+def breakdown(engine: Engine, batch: int, attn_len: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = engine.runner
+    assert isinstance(runner, DecoderRunner)
+    runner.positions[:batch].fill_(attn_len - 2)
+    tokens, positions = runner.tokens[:batch], runner.positions[:batch]
+    eager = lambda: runner.model(tokens, positions, runner.cache, 0, attn_len)  # noqa: E731
+    with torch.inference_mode():
+        eager()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eager()
+            torch.cuda.synchronize()
+        graph = runner.graphs.get((batch, attn_len)) or runner._capture(batch, attn_len)
+        replay_ms = timed(graph.graph.replay, 50)
+        eager_ms = timed(eager, 5)
+    classes = {"weights": 0.0, "attention": 0.0, "other": 0.0}
+    counts = {"weights": 0, "attention": 0, "other": 0}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            cls = kernel_class(evt.name)
+            classes[cls] += evt.device_time / 1000.0
+            counts[cls] += 1
+    busy = sum(classes.values())
+    return {
+        "batch": batch,
+        "attn_len": attn_len,
+        "graph_step_ms": replay_ms,
+        "eager_step_ms": eager_ms,
+        "weights_ms": classes["weights"],
+        "attention_ms": classes["attention"],
+        "other_kernels_ms": classes["other"],
+        "gaps_ms": replay_ms - busy,
+        "kernels": counts,
+    }
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = timed(lambda: a @ b, 20)
+    return 2 * 8192**3 / (ms / 1000) / 1e12
+
+
+def ttft_1024(engine: Engine, n_params: int, config) -> dict:
+    prompt = torch.randint(
+        10, config.vocab_size, (1024,), generator=torch.Generator().manual_seed(3)
+    ).tolist()
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    engine.generate([prompt], params)  # warm-up
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        out = engine.generate([prompt], params)[0]
+        times.append(out.ttft_s)
+    ttft = sorted(times)[len(times) // 2]
+    d = config.hidden_size
+    flops = 2 * n_params * 1024 + 2 * config.num_hidden_layers * 1024 * 1024 * d  # matmuls + causal attention
+    rate = matmul_tflops()
+    achieved = flops / ttft / 1e12
+    return {
+        "ttft_ms": ttft * 1000,
+        "prefill_tflops": achieved,
+        "matmul_tflops": rate,
+        "share_pct": 100 * achieved / rate,
+    }
+
+
+def part_engine() -> None:
+    save("engine", "device", torch.cuda.get_device_name())
+    save("engine", "correctness", correctness())
+    copy = measure_copy_bandwidth_gb_s(torch.device("cuda"))
+    save("engine", "copy_gb_s", copy)
+    spec = BenchSpec(batch_sizes=BATCHES, prompt_len=128, gen_len=128, runs=3, device="cuda")
+    result = bench_candidate(Candidate(MODEL, "llmopt", "llmopt-graphs"), spec, copy)
+    save("engine", "llmopt_graphs", summaries(result))
+    save("engine", "llmopt_graphs_capture_s", result.capture_s)
+    # Breakdown and TTFT on a fresh engine (graphs only).
+    loaded = load_model(MODEL, LoadSpec(device="cuda"))
+    n_params = sum(p.numel() for n, p in loaded.model.named_parameters() if "embed_tokens" not in n)
+    config = loaded.model.config
+    engine = Engine(
+        loaded.model, None, EngineConfig(max_batch=max(BATCHES), max_seq=1100, prefill_chunk=1024)
+    )
+    for batch in (1, 32, 128):
+        if batch <= max(BATCHES):
+            save("engine", f"breakdown_b{batch}", breakdown(engine, batch, 256))
+    save("engine", "ttft_1024", ttft_1024(engine, n_params, config))
+    del engine, loaded
+    torch.cuda.empty_cache()
+    if os.environ.get("COMPILE", "1") == "1":
+        t = time.time()
+        spec = BenchSpec(
+            batch_sizes=BATCHES, prompt_len=128, gen_len=128, runs=3, device="cuda", compile=True
+        )
+        result = bench_candidate(Candidate(MODEL, "llmopt", "llmopt-compiled"), spec, copy)
+        save("engine", "llmopt_compiled", summaries(result))
+        save("engine", "llmopt_compiled_wall_s", time.time() - t)
+
+
+def part_baselines() -> None:
+    save("baselines", "device", torch.cuda.get_device_name())
+    copy = measure_copy_bandwidth_gb_s(torch.device("cuda"))
+    save("baselines", "copy_gb_s", copy)
+    for engine, batches in (("transformers", BATCHES), ("transformers-compile", (1,))):
+        spec = BenchSpec(batch_sizes=batches, prompt_len=128, gen_len=128, runs=3, device="cuda")
+        t = time.time()
+        result = bench_candidate(Candidate(MODEL, engine, engine), spec, copy)
+        save("baselines", engine, summaries(result))
+        save("baselines", f"{engine}_wall_s", time.time() - t)
+
+
+if __name__ == "__main__":
+    {"engine": part_engine, "baselines": part_baselines}[sys.argv[1]]()
