@@ -61,7 +61,7 @@ class BenchSpec:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # the candidates' activation dtype: auto = checkpoint dtype on GPU, fp32 on CPU
-    compile: bool = False  # llmopt engine: torch.compile its decode step too
+    compile: bool | None = None  # llmopt engine: torch.compile its decode step (None: on CUDA)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:

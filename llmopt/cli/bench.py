@@ -48,8 +48,12 @@ def bench(
         str, typer.Option(help="auto (checkpoint dtype on GPU, fp32 on CPU), bf16, fp16, fp32.")
     ] = "auto",
     compile_step: Annotated[
-        bool, typer.Option("--compile", help="llmopt engine: also torch.compile the decode step.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="llmopt engine: torch.compile the decode step (default: on CUDA, off on CPU).",
+        ),
+    ] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Measure --before against --after.")] = False,
     before: Annotated[str | None, typer.Option(help="MODEL[:ENGINE] before (default smollm2-135m).")] = None,
     after: Annotated[str | None, typer.Option(help="MODEL[:ENGINE] after (default: before's int8).")] = None,

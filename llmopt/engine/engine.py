@@ -41,7 +41,7 @@ class EngineConfig:
     max_seq: int = 2048  # prompt + generated tokens per sequence
     prefill_chunk: int = 512  # prompt tokens prefilled per step
     cuda_graphs: bool | None = None  # None: on for CUDA devices
-    compile: bool = False  # torch.compile the decode step (fuses elementwise work; compiles per shape)
+    compile: bool | None = None  # torch.compile the decode step (fuses elementwise work); None: on CUDA
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -147,6 +147,7 @@ class Engine:
                 self.config.cuda_graphs,
                 self.config.compile,
             )
+            self.compiled = runner.compiled
         else:
             self.backend = "transformers"
             warnings.warn(
@@ -154,6 +155,7 @@ class Engine:
                 stacklevel=2,
             )
             runner = TransformersRunner(model, self.config.max_batch, self.config.max_seq)
+            self.compiled = False
         self.runner = runner
         self.device = runner.device
         self.free_slots = list(range(self.config.max_batch))

@@ -76,7 +76,7 @@ class DecoderRunner:
         max_batch: int,
         max_seq: int,
         use_graphs: bool | None = None,
-        compile_decode: bool = False,
+        compile_decode: bool | None = None,
     ) -> None:
         spec = model.spec
         self.model = model
@@ -97,7 +97,8 @@ class DecoderRunner:
         self.pool: Any = None
         self.capture_s = 0.0
         self.step_model: Any = model
-        if compile_decode:  # inductor fuses the norms, rotary, residuals and activations of each layer
+        self.compiled = self.device.type == "cuda" if compile_decode is None else compile_decode
+        if self.compiled:  # inductor fuses the norms, rotary, residuals and activations of each layer
             import torch._dynamo as dynamo
 
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
