@@ -27,7 +27,7 @@ import torch
 from llmopt.bench.compare import measure_copy_bandwidth_gb_s
 from llmopt.bench.offline import BenchSpec, Candidate, bench_candidate
 from llmopt.engine import Engine, EngineConfig, SamplingParams
-from llmopt.engine.runner import DecoderRunner
+from llmopt.engine.runner import DecoderRunner, PrefillChunk
 from llmopt.models import LoadSpec, load_model
 
 OUT = Path(os.environ.get("OUT", "bench-out"))
@@ -70,7 +70,7 @@ def teacher_forced_errors(hf, seq: torch.Tensor) -> tuple[float, float]:
         ref = hf(seq).logits[0].float()
     engine = Engine(hf, None, EngineConfig(max_batch=2, max_seq=256))
     runner = engine.runner
-    prefill = runner.prefill(1, seq[0, :150].tolist(), 0, True)
+    [prefill] = runner.prefill([PrefillChunk(1, seq[0, :150].tolist(), 0, True)])
     errs = [(prefill - ref[149]).abs().max().item()]
     for p in range(150, 200):
         logits = runner.decode([1], seq[0, p : p + 1], [p])
@@ -137,11 +137,14 @@ def breakdown(engine: Engine, batch: int, attn_len: int) -> dict:
         eager_ms = timed(eager, 5)
     classes = {"weights": 0.0, "attention": 0.0, "other": 0.0}
     counts = {"weights": 0, "attention": 0, "other": 0}
+    by_name: dict[str, float] = {}
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             cls = kernel_class(evt.name)
             classes[cls] += evt.device_time / 1000.0
             counts[cls] += 1
+            by_name[evt.name[:90]] = by_name.get(evt.name[:90], 0.0) + evt.device_time / 1000.0
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     busy = sum(classes.values())
     return {
         "batch": batch,
@@ -153,6 +156,7 @@ def breakdown(engine: Engine, batch: int, attn_len: int) -> dict:
         "other_kernels_ms": classes["other"],
         "gaps_ms": replay_ms - busy,
         "kernels": counts,
+        "top_kernels_ms": {name: round(ms, 3) for name, ms in top},
     }
 
 

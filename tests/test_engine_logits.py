@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmopt.engine.model import DecoderModel, unsupported_reason
-from llmopt.engine.runner import DecoderRunner
+from llmopt.engine.runner import DecoderRunner, PrefillChunk
 
 TOLERANCE = 2e-4  # max |Δlogit| in fp32; logits are O(1) here
 
@@ -74,24 +74,27 @@ def test_logits_match_transformers(name: str):
     assert unsupported_reason(hf) is None
     generator = torch.Generator().manual_seed(1)
     lengths = [70, 41, 55]  # total lengths; prompts are the first `prompt` tokens
-    prompts = [23, 9, 40]
+    prompts = [23, 5, 40]  # the second prompt ends inside the first chunk
     seqs = [torch.randint(0, BASE["vocab_size"], (n,), generator=generator) for n in lengths]
     with torch.no_grad():
         reference = [hf(seq.unsqueeze(0)).logits[0] for seq in seqs]
 
-    runner = DecoderRunner(DecoderModel(hf), max_batch=4, max_seq=96, use_graphs=False)
-    slots = [0, 2, 1]  # rows need not be in slot order
+    runner = DecoderRunner(DecoderModel(hf), max_batch=5, max_seq=96, use_graphs=False)
+    slots = [0, 3, 1]  # rows need not be in slot order; 0 and 1 prefill as one padded batch, 3 alone
     got: list[dict[int, torch.Tensor]] = [{} for _ in seqs]
-    for i, (seq, prompt, slot) in enumerate(zip(seqs, prompts, slots, strict=True)):
-        start = 0
-        for chunk in (7, 100):  # a short chunk first: chunked prefill must equal one pass
-            end = min(prompt, start + chunk)
-            logits = runner.prefill(slot, seq[start:end].tolist(), start, want_logits=end == prompt)
-            start = end
-            if start == prompt:
+    start = [0, 0, 0]
+    for chunk in (7, 100):  # a short chunk first: chunked prefill must equal one pass
+        pieces, owners = [], []
+        for i, (seq, prompt, slot) in enumerate(zip(seqs, prompts, slots, strict=True)):
+            end = min(prompt, start[i] + chunk)
+            if end > start[i]:
+                pieces.append(PrefillChunk(slot, seq[start[i] : end].tolist(), start[i], end == prompt))
+                owners.append(i)
+            start[i] = end
+        for piece, i, logits in zip(pieces, owners, runner.prefill(pieces), strict=True):
+            if piece.want_logits:
                 assert logits is not None
-                got[i][prompt - 1] = logits
-                break
+                got[i][prompts[i] - 1] = logits
     position = list(prompts)
     while any(p < n for p, n in zip(position, lengths, strict=True)):
         live = [i for i, (p, n) in enumerate(zip(position, lengths, strict=True)) if p < n]

@@ -28,7 +28,7 @@ import torch
 
 from llmopt.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llmopt.engine.model import DecoderModel, unsupported_reason
-from llmopt.engine.runner import DecoderRunner, Runner, TransformersRunner
+from llmopt.engine.runner import DecoderRunner, PrefillChunk, Runner, TransformersRunner
 from llmopt.engine.sampling import SamplingParams, sample
 from llmopt.errors import InputError
 
@@ -147,7 +147,7 @@ class Engine:
                 self.config.cuda_graphs,
                 self.config.compile,
             )
-            self.compiled = runner.compiled
+
         else:
             self.backend = "transformers"
             warnings.warn(
@@ -155,7 +155,6 @@ class Engine:
                 stacklevel=2,
             )
             runner = TransformersRunner(model, self.config.max_batch, self.config.max_seq)
-            self.compiled = False
         self.runner = runner
         self.device = runner.device
         self.free_slots = list(range(self.config.max_batch))
@@ -286,22 +285,23 @@ class Engine:
         logits: list[torch.Tensor] = []
         decoding = [r for r in self.running if r.output_ids]
         budget = self.config.prefill_chunk
+        chunks: list[tuple[Request, PrefillChunk]] = []
         for request in self.running:
-            if budget == 0:
-                break
             todo = len(request.prompt_ids) - request.prefilled
-            if todo == 0:
+            if todo == 0 or budget == 0:
                 continue
             n = min(todo, budget)
-            chunk = request.prompt_ids[request.prefilled : request.prefilled + n]
-            last = n == todo
-            out = self.runner.prefill(request.slot, chunk, request.prefilled, want_logits=last)
+            piece = request.prompt_ids[request.prefilled : request.prefilled + n]
+            chunks.append((request, PrefillChunk(request.slot, piece, request.prefilled, n == todo)))
             request.prefilled += n
             budget -= n
-            if last:
-                assert out is not None
-                rows.append(request)
-                logits.append(out.unsqueeze(0))
+        if chunks:
+            outs = self.runner.prefill([chunk for _, chunk in chunks])
+            for (request, prefill), out in zip(chunks, outs, strict=True):
+                if prefill.want_logits:
+                    assert out is not None
+                    rows.append(request)
+                    logits.append(out.unsqueeze(0))
         if decoding:
             tokens = torch.tensor([r.output_ids[-1] for r in decoding], device=self.device)
             positions = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in decoding]

@@ -261,10 +261,12 @@ class DecoderModel(nn.Module):
         cache: KVCache,
         slot_start: int,
         attn_len: int,
+        last_index: torch.Tensor | None = None,
         want_logits: bool = True,
     ) -> torch.Tensor | None:
-        """tokens/positions [B, T] for slots slot_start..slot_start+B-1; logits [B, V] (fp32) of
-        each row's last token, or None when the caller only fills the cache (a prefill chunk)."""
+        """tokens/positions [B, T] for slots slot_start..slot_start+B-1; logits [B, V] (fp32) of each
+        row's token at ``last_index`` (default: the last column), or None when the caller only
+        fills the cache (a prefill chunk that does not end its prompt)."""
         assert self.rope_cos is not None and self.rope_sin is not None, "call build_rope() first"
         x = self.embed(tokens)
         rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
@@ -273,5 +275,7 @@ class DecoderModel(nn.Module):
             x = layer(x, rope, masks, cache, slot_start, positions, attn_len)
         if not want_logits:
             return None
-        x = rms_norm(x[:, -1], self.norm, self.spec.rms_eps)
+        rows = torch.arange(x.shape[0], device=x.device)
+        x = x[:, -1] if last_index is None else x[rows, last_index]
+        x = rms_norm(x, self.norm, self.spec.rms_eps)
         return self.lm_head(x).float()

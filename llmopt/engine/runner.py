@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -26,16 +27,25 @@ from llmopt.engine.model import DecoderModel
 MIN_ATTN_BUCKET = 64
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens ``tokens`` of the sequence in ``slot``, starting at position ``start``."""
+
+    slot: int
+    tokens: Sequence[int]
+    start: int
+    want_logits: bool  # the chunk ends the prompt: its last token's logits give the first new token
+
+
 class Runner(Protocol):
     max_batch: int
     max_seq: int
     device: torch.device
     vocab_size: int
     capture_s: float
+    compiled: bool
 
-    def prefill(
-        self, slot: int, tokens: Sequence[int], start: int, want_logits: bool
-    ) -> torch.Tensor | None: ...
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor | None]: ...
 
     def decode(
         self, slots: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]
@@ -105,12 +115,46 @@ class DecoderRunner:
             self.step_model = torch.compile(model, dynamic=False)
 
     @torch.inference_mode()
-    def prefill(self, slot: int, tokens: Sequence[int], start: int, want_logits: bool) -> torch.Tensor | None:
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        pos = torch.arange(start, start + len(tokens), device=self.device).unsqueeze(0)
-        attn_len = attention_bucket(start + len(tokens), self.max_seq)
-        logits = self.model(ids, pos, self.cache, slot, attn_len, want_logits=want_logits)
-        return None if logits is None else logits[0]
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor | None]:
+        """Logits [V] for each chunk that wants them. Chunks of neighbouring slots run as one padded
+        batch: padding and the rows of other slots in the range sit at the scratch position."""
+        by_slot = sorted(range(len(chunks)), key=lambda i: chunks[i].slot)
+        results: list[torch.Tensor | None] = [None] * len(chunks)
+        run: list[int] = []
+        for i in by_slot:
+            if run and chunks[i].slot != chunks[run[-1]].slot + 1:
+                self._prefill_run([chunks[j] for j in run], run, results)
+                run = []
+            run.append(i)
+        if run:
+            self._prefill_run([chunks[j] for j in run], run, results)
+        return results
+
+    def _prefill_run(
+        self, chunks: list[PrefillChunk], order: list[int], results: list[torch.Tensor | None]
+    ) -> None:
+        width = max(len(c.tokens) for c in chunks)
+        scratch = self.cache.scratch_position
+        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
+        positions = torch.full((len(chunks), width), scratch, dtype=torch.long)
+        for row, chunk in enumerate(chunks):
+            n = len(chunk.tokens)
+            tokens[row, :n] = torch.tensor(list(chunk.tokens))
+            positions[row, :n] = torch.arange(chunk.start, chunk.start + n)
+        last = torch.tensor([len(c.tokens) - 1 for c in chunks])
+        attn_len = attention_bucket(max(c.start + len(c.tokens) for c in chunks), self.max_seq)
+        logits = self.model(
+            tokens.to(self.device),
+            positions.to(self.device),
+            self.cache,
+            chunks[0].slot,
+            attn_len,
+            last_index=last.to(self.device),
+            want_logits=any(c.want_logits for c in chunks),
+        )
+        for row, (chunk, index) in enumerate(zip(chunks, order, strict=True)):
+            if chunk.want_logits and logits is not None:
+                results[index] = logits[row]
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
@@ -175,6 +219,7 @@ class TransformersRunner:
         self.vocab_size = hf_model.config.vocab_size
         self.caches: dict[int, Any] = {}
         self.capture_s = 0.0
+        self.compiled = False
 
     @torch.inference_mode()
     def _forward(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -194,10 +239,13 @@ class TransformersRunner:
         self.caches[slot] = out.past_key_values
         return out.logits[0, -1].float()
 
-    def prefill(self, slot: int, tokens: Sequence[int], start: int, want_logits: bool) -> torch.Tensor | None:
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        logits = self._forward(slot, ids, start)
-        return logits if want_logits else None
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor | None]:
+        results: list[torch.Tensor | None] = []
+        for chunk in chunks:
+            ids = torch.tensor([list(chunk.tokens)], dtype=torch.long, device=self.device)
+            logits = self._forward(chunk.slot, ids, chunk.start)
+            results.append(logits if chunk.want_logits else None)
+        return results
 
     def decode(self, slots: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         rows = [
