@@ -175,10 +175,13 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, spec.rms_eps)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        # Write into the whole cache tensor at absolute slot indices: writing through a slice view
+        # makes torch.compile copy the slice back (gigabytes per step at batch 32).
+        k_all, v_all = cache.keys[self.index], cache.values[self.index]
+        slots = torch.arange(slot_start, slot_start + b, device=x.device).unsqueeze(1)
+        k_all[slots, :, positions] = k.to(k_all.dtype)  # [B, T, KV, D] into [slots, KV, S, D]
+        v_all[slots, :, positions] = v.to(v_all.dtype)
         k_cache, v_cache = cache.layer(self.index, slot_start, b)
-        rows = torch.arange(b, device=x.device).unsqueeze(1)
-        k_cache[rows, :, positions] = k.to(k_cache.dtype)  # [B, T, KV, D] into [B, KV, S, D]
-        v_cache[rows, :, positions] = v.to(v_cache.dtype)
         # Grouped-query attention without copying the cache: the G query heads of one KV head
         # become G*T rows of that head.
         g = spec.group
