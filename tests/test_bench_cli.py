@@ -60,6 +60,7 @@ def test_compare_end_to_end(tmp_path: Path):
     assert doc["spec"]["gen_len"] == 4 and doc["copy_bandwidth_gb_s"] > 0
     before, after = doc["candidates"]
     assert before["model"] == "tiny-random" and "tiny-random-int8" in after["model"]
+    assert before["engine"] == "transformers" and after["engine"] == "llmopt"
     assert after["weight_bytes"] != before["weight_bytes"]
     for cand in (before, after):
         assert [b["batch_size"] for b in cand["batches"]] == [1, 2]
@@ -94,11 +95,17 @@ def test_compare_table_and_markdown():
     assert all(line.startswith("| ") and line.endswith(" |") for line in lines[2:])
 
 
-def test_single_model_bench():
-    result = runner.invoke(app, ["bench", "tiny-random", *TINY, "--json"])
+@pytest.mark.parametrize("engine", ["llmopt", "transformers", "transformers-compile"])
+def test_single_model_bench(engine: str):
+    args = [] if engine == "llmopt" else ["--engine", engine]  # llmopt's engine is the default
+    result = runner.invoke(app, ["bench", "tiny-random", *TINY, *args, "--json"])
     assert result.exit_code == 0, result.output
     (cand,) = json.loads(result.stdout)["candidates"]
-    assert cand["engine"] == "transformers" and len(cand["batches"]) == 2
+    assert cand["engine"] == engine and len(cand["batches"]) == 2
+    for batch in cand["batches"]:
+        check_consistent(batch["summary"], 4, batch["batch_size"])
+        for run in batch["runs"]:
+            assert all(r["output_tokens"] == 4 and len(r["itl_s"]) == 3 for r in run["records"])
 
 
 @pytest.mark.parametrize(
@@ -107,7 +114,7 @@ def test_single_model_bench():
         (["--batch-sizes", "1,x"], 2, "comma-separated"),
         (["--batch-sizes", "0"], 2, "positive"),
         (["--gen-len", "1"], 2, "TPOT"),
-        (["--engine", "llmopt"], 4, "engine has not landed"),
+        (["--engine", "vllm"], 2, "Unknown engine"),
         (["--plot", "chart.jpg"], 2, ".png"),
         (["--save", "/nonexistent/dir/x.json"], 3, "does not exist"),
     ],

@@ -45,7 +45,8 @@ class Candidate:
 
     @classmethod
     def parse(cls, text: str, label: str = "") -> Candidate:
-        """``MODEL[:ENGINE]``; a Windows-style drive or a path with ':' is left to the model part."""
+        """``MODEL[:ENGINE]`` (engine default: transformers, the "before" of a comparison); a path
+        with ':' in it is left to the model part."""
         model, sep, engine = text.rpartition(":")
         if not sep or engine not in ENGINES:
             return cls(text, "transformers", label or text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from llmopt import __version__
-from llmopt.cli import bench, evaluate, models, pending, quantize
+from llmopt.cli import bench, evaluate, generate, models, pending, quantize
 
 app = typer.Typer(
     name="llmopt",
@@ -18,6 +18,7 @@ app.command("quantize")(quantize.quantize)
 app.command("eval")(evaluate.evaluate)
 app.command("models")(models.models)
 app.command("bench")(bench.bench)
+app.command("generate")(generate.generate)
 app.command("shard")(pending.shard)
 app.command("serve")(pending.serve)
 app.command("nginx-config")(pending.nginx_config)

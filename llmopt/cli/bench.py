@@ -37,7 +37,7 @@ def bench(
             help="llmopt (its own engine), transformers (generate()) or transformers-compile "
             "(static cache; compiled on GPU)."
         ),
-    ] = "transformers",
+    ] = "llmopt",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens (seeded random ids).")] = 128,
     gen_len: Annotated[int, typer.Option(help="New tokens per sequence (EOS ignored).")] = 64,
@@ -70,7 +70,8 @@ def bench(
 ) -> None:
     """Measure TTFT, TPOT, latency, tokens/s, memory and bandwidth against the floor.
 
-    Example: llmopt bench --compare   (smollm2-135m as transformers runs it, against llmopt's int8)
+    Example: llmopt bench --compare   (smollm2-135m under transformers' generate(), against llmopt's
+    int8 checkpoint on llmopt's engine)
     """
     from llmopt.bench.compare import DEFAULT_BEFORE, cached_quantized, run_bench
     from llmopt.bench.offline import BenchSpec, Candidate
@@ -98,9 +99,9 @@ def bench(
             if after:
                 second = Candidate.parse(after)
             elif first.model in RANDOM_SHAPES:  # in memory only: quantized in place after loading
-                second = Candidate(first.model, "transformers", label, quantize=scheme)
+                second = Candidate(first.model, "llmopt", label, quantize=scheme)
             else:
-                second = Candidate(cached_quantized(first.model, scheme, progress), "transformers", label)
+                second = Candidate(cached_quantized(first.model, scheme, progress), "llmopt", label)
             candidates = [first, second]
         else:
             candidates = [Candidate(model, engine, model)]
