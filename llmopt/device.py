@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,3 +43,17 @@ def describe(device: torch.device) -> DeviceInfo:
         props = torch.cuda.get_device_properties(device)
         return DeviceInfo("cuda", props.name, props.multi_processor_count)
     return DeviceInfo("cpu", platform.processor() or platform.machine(), torch.get_num_threads())
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation can take now: free GPU memory, or the kernel's MemAvailable on CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise InputError("Cannot tell how much memory is free here; give max_batch explicitly.")

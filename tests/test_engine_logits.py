@@ -116,3 +116,31 @@ def test_other_architectures_are_reported_unsupported():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     assert "gpt2" in (unsupported_reason(model) or "")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_checkpoints_run_through_their_quant_linears(tiny_dir, tmp_path, scheme: str):
+    """An llmopt int8/int4 checkpoint: the engine keeps its QuantLinear modules (no fusion, no float
+    copy) and its logits equal transformers' forward over the same modules."""
+    from llmopt.models import LoadSpec, load_model
+    from llmopt.quant.api import QuantizeSpec, quantize_checkpoint
+    from llmopt.quant.linear import QuantLinear
+    from llmopt.quant.schemes import QuantSpec
+
+    out = tmp_path / f"tiny-{scheme}"
+    quantize_checkpoint(str(tiny_dir), QuantizeSpec(QuantSpec(scheme, method="rtn"), out=out, evaluate=False))
+    spec = LoadSpec(dtype="float32", device="cpu")
+    hf = load_model(str(out), spec).model
+    seq = torch.randint(10, hf.config.vocab_size, (30,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = hf(seq.unsqueeze(0)).logits[0]
+    model = DecoderModel(load_model(str(out), spec).model)
+    layer = model.layers[0]
+    assert all(isinstance(p, QuantLinear) for p in [*layer.qkv.parts, *layer.gate_up.parts, model.lm_head])
+    runner = DecoderRunner(model, max_batch=1, max_seq=32, use_graphs=False)
+    [logits] = runner.prefill([PrefillChunk(0, seq[:20].tolist(), 0, True)])
+    assert logits is not None
+    errs = [(logits - reference[19]).abs().max().item()]
+    for p in range(20, 30):
+        errs.append((runner.decode([0], seq[p : p + 1], [p])[0] - reference[p]).abs().max().item())
+    assert max(errs) < 1e-3 * reference.abs().max().item() + 1e-4, errs

@@ -86,7 +86,9 @@ def test_abort_and_deadline_free_slots_at_once(tiny_engine: Engine):
     assert_no_leaks(tiny_engine)
 
 
-def test_many_admit_retire_cycles_leak_nothing(tiny_engine: Engine):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_many_admit_retire_cycles_leak_nothing(tiny_dir: Path, pipeline: bool):
+    tiny_engine = Engine.load(str(tiny_dir), EngineConfig(max_batch=3, max_seq=64, pipeline=pipeline))
     rng = random.Random(0)
     live = []
     for i in range(60):
@@ -103,9 +105,10 @@ def test_many_admit_retire_cycles_leak_nothing(tiny_engine: Engine):
         assert tiny_engine.slots_in_use <= tiny_engine.config.max_batch
     while tiny_engine.has_work():
         tiny_engine.step()
-    assert all(r.finished for r in live)
+    assert all(r.finished for r in live) and not tiny_engine._in_flight
     for r in live:
         assert r.finish_reason == "abort" or len(r.output_ids) == r.max_new_tokens
+        assert r.pending == 0
     assert_no_leaks(tiny_engine)
 
 
@@ -166,3 +169,18 @@ def test_other_architectures_run_through_transformers():
     )
     assert outs[0].token_ids == expected
     assert_no_leaks(engine)
+
+
+def test_max_batch_none_fills_the_free_memory(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    import llmopt.engine.engine as engine_module
+
+    free = 5 * 2**20
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: free)
+    engine = Engine.load(str(tiny_dir), EngineConfig(max_batch=None, max_seq=64))
+    shape = engine.runner.cache.shape
+    expected = int(free * 0.9) // (shape.bytes_per_token * 65)
+    assert 1 < expected < 256
+    assert engine.config.max_batch == shape.max_batch == expected == len(engine.free_slots)
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 1000)
+    with pytest.raises(InputError, match="Lower --max-seq"):
+        Engine.load(str(tiny_dir), EngineConfig(max_batch=None, max_seq=64))

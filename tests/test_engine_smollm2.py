@@ -23,8 +23,9 @@ NEW = 20
 SIR_WALTER = [253, 7411, 4110, 281, 260, 1463, 282, 260, 7598, 4702, 282, 38438, 2372, 282, 4528, 30]
 
 
-@pytest.fixture(scope="module")
-def setup(smollm2_dir: Path) -> tuple[Engine, dict[str, list[int]]]:
+@pytest.fixture(scope="module", params=[False, True], ids=["in-step", "pipelined"])
+def setup(smollm2_dir: Path, request: pytest.FixtureRequest) -> tuple[Engine, dict[str, list[int]]]:
+    """The engine streams each step's tokens in that step, or (as on CUDA) pipelined one step late."""
     loaded = load_model("smollm2-135m", LoadSpec(dtype="float32", device="cpu"))
     reference = {}
     with torch.no_grad():
@@ -32,7 +33,8 @@ def setup(smollm2_dir: Path) -> tuple[Engine, dict[str, list[int]]]:
             ids = loaded.tokenizer(prompt, return_tensors="pt")
             out = loaded.model.generate(**ids, max_new_tokens=NEW, do_sample=False)
             reference[prompt] = out[0, ids["input_ids"].shape[1] :].tolist()
-    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=4, max_seq=128, prefill_chunk=8))
+    config = EngineConfig(max_batch=4, max_seq=128, prefill_chunk=5, pipeline=request.param)
+    engine = Engine(loaded.model, loaded.tokenizer, config)
     assert engine.backend == "llmopt"
     return engine, reference
 
@@ -68,8 +70,11 @@ def test_greedy_inside_a_changing_batch(setup):
     b = engine.add_request(PROMPTS[1], greedy())
     for _ in range(5):  # a and b are decoding, at different positions
         engine.step()
-    c = engine.add_request(PROMPTS[2], greedy())  # admitted mid-decode, prefilled in chunks of 8
+    c = engine.add_request(PROMPTS[2], greedy())  # admitted mid-decode, prefilled in chunks of 5
+    before = len(a.output_ids), len(b.output_ids)
     engine.step()
+    assert 0 < c.prefilled < len(c.prompt_ids)  # c's prompt is longer than one chunk ...
+    assert (len(a.output_ids), len(b.output_ids)) == (before[0] + 1, before[1] + 1)  # ... a, b go on
     assert len({len(r.prompt_ids) + len(r.output_ids) for r in (a, b, c)}) == 3
     assert all(r.slot >= 0 for r in (a, b, c))
     while not a.finished:

@@ -21,31 +21,35 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from llmopt.device import free_memory_bytes
 from llmopt.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from llmopt.engine.kv_cache import CacheShape, fit_max_batch
 from llmopt.engine.model import DecoderModel, unsupported_reason
 from llmopt.engine.runner import DecoderRunner, PrefillChunk, Runner, TransformersRunner
 from llmopt.engine.sampling import SamplingParams, sample
 from llmopt.errors import InputError
 
 FINISH_REASONS = ("stop", "length", "abort", "deadline", "error")
+FILL_MAX_BATCH = 256
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch: int = 8  # sequences decoded together (cache slots)
+    max_batch: int | None = 8  # sequences decoded together (cache slots); None: fill free memory
     max_seq: int = 2048  # prompt + generated tokens per sequence
     prefill_chunk: int = 512  # prompt tokens prefilled per step
     cuda_graphs: bool | None = None  # None: on for CUDA devices
     compile: bool | None = None  # torch.compile the decode step (fuses elementwise work); None: on CUDA
+    pipeline: bool | None = None  # launch step N+1 before streaming step N's tokens; None: on CUDA
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise InputError("max_batch must be at least 1.")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise InputError("max_batch must be at least 1 (or None to fill the free memory).")
         if self.max_seq < 2:
             raise InputError("max_seq must be at least 2.")
         if self.prefill_chunk < 1:
@@ -98,6 +102,12 @@ class Request:
     text: str = ""
     finish_reason: str | None = None
     error: BaseException | None = None  # why a request ended with finish_reason 'error'
+    pending: int = 0  # tokens sampled on the device, not yet read back
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far, including the one still on its way to the host."""
+        return len(self.output_ids) + self.pending
 
     @property
     def finished(self) -> bool:
@@ -113,6 +123,16 @@ class Request:
             self.arrival_time,
             list(self.token_times),
         )
+
+
+@dataclass
+class InFlight:
+    """A launched step: its rows and their sampled tokens (a pinned host copy on CUDA, with the
+    event that says the copy is done)."""
+
+    rows: list[Request]
+    tokens: torch.Tensor
+    ready: Any
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -140,33 +160,50 @@ class Engine:
         runner: Runner
         if reason is None:
             self.backend = "llmopt"
+            decoder = DecoderModel(model)
+            if self.config.max_batch is None:
+                self.config = replace(self.config, max_batch=self._fill_batch(decoder))
+            assert self.config.max_batch is not None
             runner = DecoderRunner(
-                DecoderModel(model),
+                decoder,
                 self.config.max_batch,
                 self.config.max_seq,
                 self.config.cuda_graphs,
                 self.config.compile,
             )
-
         else:
             self.backend = "transformers"
             warnings.warn(
                 f"llmopt runs this model through transformers, one sequence at a time: {reason}.",
                 stacklevel=2,
             )
+            if self.config.max_batch is None:  # its caches grow per sequence: nothing to fill
+                self.config = replace(self.config, max_batch=EngineConfig.max_batch)
+            assert self.config.max_batch is not None
             runner = TransformersRunner(model, self.config.max_batch, self.config.max_seq)
         self.runner = runner
         self.device = runner.device
-        self.free_slots = list(range(self.config.max_batch))
+        self.free_slots = list(range(runner.max_batch))
         heapq.heapify(self.free_slots)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # slot owners, in admission order
         self.by_id: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.seen = torch.zeros(
-            self.config.max_batch, runner.vocab_size, dtype=torch.bool, device=self.device
-        )
+        self.seen = torch.zeros(runner.max_batch, runner.vocab_size, dtype=torch.bool, device=self.device)
+        self.pipelined = self.device.type == "cuda" if self.config.pipeline is None else self.config.pipeline
+        self.last_token = torch.zeros(runner.max_batch, dtype=torch.long, device=self.device)
+        self._in_flight: InFlight | None = None
         self._background: Any = None
+
+    def _fill_batch(self, decoder: DecoderModel) -> int:
+        """As many slots of max_seq tokens as 90% of the free device memory holds (at most
+        FILL_MAX_BATCH: buckets, graphs and the penalty table grow with the slot count)."""
+        spec = decoder.spec
+        shape = CacheShape(
+            spec.n_layers, 1, self.config.max_seq, spec.n_kv_heads, spec.head_dim, decoder.dtype
+        )
+        fit = fit_max_batch(shape.bytes_per_token, self.config.max_seq, free_memory_bytes(decoder.device))
+        return min(fit, FILL_MAX_BATCH)
 
     @classmethod
     def load(cls, model: str, config: EngineConfig | None = None, spec: Any = None) -> Engine:
@@ -265,25 +302,46 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._in_flight)
 
     @property
     def slots_in_use(self) -> int:
+        assert self.config.max_batch is not None
         return self.config.max_batch - len(self.free_slots)
 
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[Delta]:
-        """One scheduling step; returns the deltas it produced (also sent to each request's callback)."""
+        """One scheduling step; returns the deltas it produced (also sent to each request's callback).
+
+        Pipelined (the default on CUDA): this step's forward and sampling are launched before the
+        previous step's tokens are read back and streamed, so the host's bookkeeping overlaps the
+        device's work instead of idling it. A sequence that stops on EOS or a stop string is then
+        decoded one extra step, whose token is dropped; length limits are known in advance. On a
+        CPU the device is the host, so tokens are streamed in the step that made them."""
         deltas: list[Delta] = []
         now = time.perf_counter()
         for request in [*self.running, *self.waiting]:
             if request.deadline is not None and now >= request.deadline:
                 deltas.append(self._finish(request, "deadline"))
         self._admit()
+        launched = self._launch()
+        if self._in_flight is not None:
+            deltas.extend(self._emit(self._in_flight))
+        self._in_flight = launched
+        if not self.pipelined and launched is not None:
+            deltas.extend(self._emit(launched))
+            self._in_flight = None
+        return deltas
+
+    def _launch(self) -> InFlight | None:
+        """Queue prefill chunks, one decode step and the sampler on the device; return what to
+        read back later. Decode inputs are the previous samples, read on the device."""
         rows: list[Request] = []
         logits: list[torch.Tensor] = []
-        decoding = [r for r in self.running if r.output_ids]
+        decoding = [
+            r for r in self.running if 0 < r.generated < r.max_new_tokens and r.prefilled == len(r.prompt_ids)
+        ]
         budget = self.config.prefill_chunk
         chunks: list[tuple[Request, PrefillChunk]] = []
         for request in self.running:
@@ -303,13 +361,23 @@ class Engine:
                     rows.append(request)
                     logits.append(out.unsqueeze(0))
         if decoding:
-            tokens = torch.tensor([r.output_ids[-1] for r in decoding], device=self.device)
-            positions = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in decoding]
-            logits.append(self.runner.decode([r.slot for r in decoding], tokens, positions))
+            slot_ids = [r.slot for r in decoding]
+            tokens = self.last_token[torch.tensor(slot_ids, device=self.device)]
+            positions = [len(r.prompt_ids) + r.generated - 1 for r in decoding]
+            logits.append(self.runner.decode(slot_ids, tokens, positions))
             rows.extend(decoding)
-        if rows:
-            deltas.extend(self._sample_and_emit(rows, torch.cat(logits)))
-        return deltas
+        if not rows:
+            return None
+        new = self._sample(rows, torch.cat(logits))
+        for request in rows:
+            request.pending += 1
+        if new.device.type == "cuda":
+            host = torch.empty(new.shape, dtype=new.dtype, pin_memory=True)
+            host.copy_(new, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return InFlight(rows, host, ready)
+        return InFlight(rows, new, None)
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
@@ -320,22 +388,32 @@ class Engine:
                 self.seen[request.slot].zero_()
                 self.seen[request.slot, torch.tensor(request.prompt_ids, device=self.device)] = True
 
-    def _sample_and_emit(self, rows: list[Request], logits: torch.Tensor) -> list[Delta]:
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
         penalised = [r for r in rows if r.params.repetition_penalty != 1.0]
         slots = torch.tensor([r.slot for r in rows], device=self.device)
         new = sample(
             logits,
             [r.params for r in rows],
             [r.seed for r in rows],
-            [len(r.output_ids) for r in rows],
+            [r.generated for r in rows],
             self.seen[slots] if penalised else None,
         )
         if penalised:
             self.seen[slots, new] = True  # rows without a penalty never read their row of `seen`
-        token_ids = new.tolist()  # the step's one host synchronisation
+        self.last_token[slots] = new  # the next decode step's inputs, without a trip to the host
+        return new
+
+    def _emit(self, flight: InFlight) -> list[Delta]:
+        """Read a launched step's tokens back (its one synchronisation) and stream them."""
+        if flight.ready is not None:
+            flight.ready.synchronize()
+        token_ids = flight.tokens.tolist()
         stamp = time.perf_counter()
         deltas = []
-        for request, token in zip(rows, token_ids, strict=True):
+        for request, token in zip(flight.rows, token_ids, strict=True):
+            request.pending -= 1
+            if request.finished:
+                continue  # stopped (or aborted) after this step was launched: the token is dropped
             request.output_ids.append(token)
             request.token_times.append(stamp)
             deltas.append(self._advance(request, token))
@@ -412,6 +490,8 @@ class Engine:
             self.add(request)
         while any(not r.finished for r in requests):
             self.step()
+        if self._in_flight is not None and not self.running and not self.waiting:
+            self.step()  # read back the dropped tokens of a last, pipelined step: the engine idles
         return [r.output() for r in requests]
 
     # ---- streaming --------------------------------------------------------------------------
