@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,3 +58,13 @@ def free_memory_bytes(device: torch.device) -> int:
     except OSError:
         pass
     raise InputError("Cannot tell how much memory is free here; give max_batch explicitly.")
+
+
+def to_device(data: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list or tensor on the device without a stream synchronisation: on CUDA it goes
+    through pinned memory with a non-blocking copy (a pageable copy would wait for all queued
+    work, which defeats launching a step ahead)."""
+    tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

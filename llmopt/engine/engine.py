@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from llmopt.device import free_memory_bytes
+from llmopt.device import free_memory_bytes, to_device
 from llmopt.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llmopt.engine.kv_cache import CacheShape, fit_max_batch
 from llmopt.engine.model import DecoderModel, unsupported_reason
@@ -362,7 +362,7 @@ class Engine:
                     logits.append(out.unsqueeze(0))
         if decoding:
             slot_ids = [r.slot for r in decoding]
-            tokens = self.last_token[torch.tensor(slot_ids, device=self.device)]
+            tokens = self.last_token[to_device(slot_ids, self.device)]
             positions = [len(r.prompt_ids) + r.generated - 1 for r in decoding]
             logits.append(self.runner.decode(slot_ids, tokens, positions))
             rows.extend(decoding)
@@ -386,11 +386,11 @@ class Engine:
             self.running.append(request)
             if request.params.repetition_penalty != 1.0:
                 self.seen[request.slot].zero_()
-                self.seen[request.slot, torch.tensor(request.prompt_ids, device=self.device)] = True
+                self.seen[request.slot, to_device(request.prompt_ids, self.device)] = True
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
         penalised = [r for r in rows if r.params.repetition_penalty != 1.0]
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        slots = to_device([r.slot for r in rows], self.device)
         new = sample(
             logits,
             [r.params for r in rows],

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from llmopt.device import to_device
 from llmopt.engine.kv_cache import CacheShape, KVCache
 from llmopt.engine.model import DecoderModel
 
@@ -144,12 +145,12 @@ class DecoderRunner:
         last = torch.tensor([len(c.tokens) - 1 for c in chunks])
         attn_len = attention_bucket(max(c.start + len(c.tokens) for c in chunks), self.max_seq)
         logits = self.model(
-            tokens.to(self.device),
-            positions.to(self.device),
+            to_device(tokens, self.device),
+            to_device(positions, self.device),
             self.cache,
             chunks[0].slot,
             attn_len,
-            last_index=last.to(self.device),
+            last_index=to_device(last, self.device),
             want_logits=any(c.want_logits for c in chunks),
         )
         for row, (chunk, index) in enumerate(zip(chunks, order, strict=True)):
@@ -162,9 +163,9 @@ class DecoderRunner:
         rows = max(slots) + 1
         bucket = next(b for b in self.buckets if b >= rows)
         attn_len = attention_bucket(max(positions) + 1, self.max_seq)
-        index = torch.tensor(list(slots), device=self.device)
+        index = to_device(list(slots), self.device)
         self.positions[:bucket].fill_(self.cache.scratch_position)
-        self.positions[index, 0] = torch.tensor(list(positions), device=self.device)
+        self.positions[index, 0] = to_device(list(positions), self.device)
         self.tokens[index, 0] = tokens
         if not self.use_graphs:
             logits = self.step_model(self.tokens[:bucket], self.positions[:bucket], self.cache, 0, attn_len)

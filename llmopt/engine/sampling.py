@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmopt.device import to_device
 from llmopt.errors import InputError
 
 _MASK32 = 0xFFFFFFFF
@@ -112,22 +113,22 @@ def sample(
     """Next token ids [rows] (on the logits' device) for rows of fp32 logits [rows, vocab]."""
     device = logits.device
     if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device, dtype=logits.dtype)
+        penalty = to_device([p.repetition_penalty for p in params], device, logits.dtype)
         logits = apply_repetition_penalty(logits, seen, penalty)
     greedy = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return greedy
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    temperature = to_device([p.temperature if not p.greedy else 1.0 for p in params], device)
     scaled = logits / temperature.unsqueeze(1)
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
+        top_k = to_device([p.top_k for p in params], device)
+        top_p = to_device([p.top_p for p in params], device, logits.dtype)
         scaled = filter_top_k_top_p(scaled, top_k, top_p)
     noise = gumbel_noise(
-        torch.tensor(list(seeds), device=device, dtype=torch.int64),
-        torch.tensor(list(counters), device=device, dtype=torch.int64),
+        to_device(list(seeds), device, torch.int64),
+        to_device(list(counters), device, torch.int64),
         logits.shape[-1],
     )
     sampled = (scaled + noise).argmax(dim=-1)
-    is_greedy = torch.tensor([p.greedy for p in params], device=device)
+    is_greedy = to_device([p.greedy for p in params], device)
     return torch.where(is_greedy, greedy, sampled)
