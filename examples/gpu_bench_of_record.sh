@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark of record (../shared/GPU.md): Llama-3-8B shape, seeded random bf16 weights, one GPU.
-# before: transformers eager generate() in bf16; after: llmopt's int8 / int4 checkpoint (QuantLinear
-# modules) under the same generate(). Same process per comparison, same seeded prompts.
+# before: transformers eager generate() in bf16; after: the model quantized to int8 / int4 (QuantLinear
+# modules) on llmopt's engine (slow while the kernels are torch's aten ops: see BENCHMARKS.md). Same process.
 # Run from the repo root: bash examples/gpu_bench_of_record.sh  (results under $OUT, default ./bench-out)
 set -euo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,8 @@ def describe(device: torch.device) -> DeviceInfo:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory a new allocation can take now: free GPU memory, or the kernel's MemAvailable on CPU."""
+    """Memory a new allocation can take now: free GPU memory, or the kernel's MemAvailable on CPU
+    (all physical memory where /proc/meminfo is missing)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
@@ -57,7 +59,7 @@ def free_memory_bytes(device: torch.device) -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    raise InputError("Cannot tell how much memory is free here; give max_batch explicitly.")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def to_device(data: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -34,7 +34,6 @@ from llmopt.engine.runner import DecoderRunner, PrefillChunk, Runner, Transforme
 from llmopt.engine.sampling import SamplingParams, sample
 from llmopt.errors import InputError
 
-FINISH_REASONS = ("stop", "length", "abort", "deadline", "error")
 FILL_MAX_BATCH = 256
 
 
@@ -58,7 +57,9 @@ class EngineConfig:
 
 @dataclass
 class Delta:
-    """A piece of one request's stream: new text (UTF-8-complete) and the token ids behind it."""
+    """A piece of one request's stream: new text (UTF-8-complete) and the token ids behind it. The
+    last one has ``finished`` set and a ``finish_reason``: stop (EOS, a stop token or a stop
+    string), length, abort, deadline or error."""
 
     request_id: str
     text: str

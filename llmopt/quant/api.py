@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llmopt import __version__
+from llmopt.device import free_memory_bytes
 from llmopt.errors import InputError
 from llmopt.models import BUILTIN_MODELS, LoadSpec, load_model, resolve_model
 from llmopt.models.files import ModelFiles, hash_model
@@ -144,7 +145,7 @@ def choose_method(requested: str, files: ModelFiles, plan: QuantPlan) -> str:
     if requested == "rtn":
         return "rtn"
     needed = 2 * files.weight_bytes + sum(4 * k * k for k in plan.in_features.values())
-    fits = needed < 0.5 * _available_memory_bytes()
+    fits = needed < 0.5 * free_memory_bytes(torch.device("cpu"))
     if requested == "gptq":
         if not has_tokenizer(files.root):
             raise InputError("GPTQ calibrates on text, and this model has no tokenizer. Use --method rtn.")
@@ -155,16 +156,6 @@ def choose_method(requested: str, files: ModelFiles, plan: QuantPlan) -> str:
             )
         return "gptq"
     return "gptq" if fits and has_tokenizer(files.root) else "rtn"
-
-
-def _available_memory_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def gptq_codes(
