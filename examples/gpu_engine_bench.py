@@ -81,14 +81,12 @@ def teacher_forced_errors(hf, seq: torch.Tensor) -> tuple[float, float]:
 def correctness() -> dict:
     """fp32 on the real layer shapes (4 layers): tight agreement; bf16 full model: agreement relative
     to the logits' spread (random weights give flat logits, so greedy paths are not compared)."""
-    import json as _json
-
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmopt.models.builtin import RANDOM_SHAPES
 
     gen = torch.Generator().manual_seed(0)
-    shape = _json.loads(RANDOM_SHAPES[MODEL].read_text())
+    shape = json.loads(RANDOM_SHAPES[MODEL].read_text())
     seq = torch.randint(10, shape["vocab_size"], (1, 200), generator=gen).cuda()
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -129,9 +129,11 @@ def model_bytes(model: Any) -> tuple[int, int]:
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    from llmopt.engine.kv_cache import kv_bytes_per_token as per_token
+
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    return per_token(config.num_hidden_layers, kv_heads, head_dim, dtype)
 
 
 def seeded_prompts(spec: BenchSpec, batch: int, vocab_size: int, device: torch.device) -> torch.Tensor:

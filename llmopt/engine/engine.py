@@ -28,7 +28,7 @@ import torch
 
 from llmopt.device import free_memory_bytes, to_device
 from llmopt.engine.detokenize import IncrementalDetokenizer, StopMatcher
-from llmopt.engine.kv_cache import CacheShape, fit_max_batch
+from llmopt.engine.kv_cache import fit_max_batch, kv_bytes_per_token
 from llmopt.engine.model import DecoderModel, unsupported_reason
 from llmopt.engine.runner import DecoderRunner, PrefillChunk, Runner, TransformersRunner
 from llmopt.engine.sampling import SamplingParams, sample
@@ -200,10 +200,8 @@ class Engine:
         """As many slots of max_seq tokens as 90% of the free device memory holds (at most
         FILL_MAX_BATCH: buckets, graphs and the penalty table grow with the slot count)."""
         spec = decoder.spec
-        shape = CacheShape(
-            spec.n_layers, 1, self.config.max_seq, spec.n_kv_heads, spec.head_dim, decoder.dtype
-        )
-        fit = fit_max_batch(shape.bytes_per_token, self.config.max_seq, free_memory_bytes(decoder.device))
+        per_token = kv_bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim, decoder.dtype)
+        fit = fit_max_batch(per_token, self.config.max_seq, free_memory_bytes(decoder.device))
         return min(fit, FILL_MAX_BATCH)
 
     @classmethod
@@ -293,7 +291,9 @@ class Engine:
         return self.add(self.make_request(prompt, params, request_id=request_id, deadline_s=deadline_s))
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its slot. False if it is unknown or already finished."""
+        """Stop a request now and free its slot. False if it is unknown or already finished; from
+        outside the engine's thread while ``submit()`` streams run, it is queued for the next step
+        boundary and returns True."""
         if self._background is not None and not self._background.in_engine_thread():
             return self._background.abort(request_id)
         request = self.by_id.get(request_id)
@@ -307,8 +307,7 @@ class Engine:
 
     @property
     def slots_in_use(self) -> int:
-        assert self.config.max_batch is not None
-        return self.config.max_batch - len(self.free_slots)
+        return self.runner.max_batch - len(self.free_slots)
 
     # ---- the step -------------------------------------------------------------------------
 

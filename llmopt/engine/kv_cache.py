@@ -15,6 +15,11 @@ import torch
 from llmopt.errors import InputError
 
 
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take across all layers (the one formula llmopt uses)."""
+    return 2 * n_layers * n_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
 @dataclass(frozen=True)
 class CacheShape:
     n_layers: int
@@ -26,8 +31,7 @@ class CacheShape:
 
     @property
     def bytes_per_token(self) -> int:
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * element
+        return kv_bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype)
 
     @property
     def total_bytes(self) -> int:
