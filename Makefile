@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 .PHONY: install demo test lint
 
 $(VENV)/.installed: pyproject.toml
+	# A C++ compiler for llmopt's CPU int8 kernel (built on first use; without one, int8 layers fall
+	# back to torch's slower op). Only g++ and torch's own headers are needed: no Python headers, no ninja.
+	command -v g++ >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq g++; } \
+		|| { echo "llmopt: install a C++ compiler (g++) for the CPU int8 kernel" >&2; exit 1; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.

@@ -3,6 +3,7 @@ random bf16 weights, one GPU. Every result is appended to $OUT/engine-<part>.jso
 
     python examples/gpu_engine_bench.py engine     # correctness on the card, engine decode, breakdown, TTFT
     python examples/gpu_engine_bench.py baselines  # transformers eager and static cache + torch.compile
+    python examples/gpu_engine_bench.py lowbit     # bf16, int8, int4 on the engine (SCHEMES=...)
 
 Part `engine`:
 1. Correctness first: the engine's logits against transformers' (bf16) on the same weights, and
@@ -12,6 +13,11 @@ Part `engine`:
 3. Step time split at batch 1, 32, 128: kernel time by class (weight matmuls, attention, other
    kernels) from a profiled step, against the replayed graph's wall time (the rest is overhead).
 4. Time to first token for a 1,024-token prompt, and its FLOP rate against a large bf16 matmul's.
+
+Part `lowbit` (issue 5): the model quantized in memory (round-to-nearest; int4 group 128; head int8)
+on the engine with llmopt's kernels. First the quantized model's own transformers forward (the
+same QuantLinear kernels, unfused) against the engine (q/k/v and gate/up stacked, CUDA graphs,
+compiled), then `bench_candidate` at every batch size, bf16 first as the same-run baseline.
 """
 
 from __future__ import annotations
@@ -233,5 +239,35 @@ def part_baselines() -> None:
         save("baselines", f"{engine}_wall_s", time.time() - t)
 
 
+def part_lowbit() -> None:
+    from llmopt.quant.inplace import quantize_model_
+    from llmopt.quant.schemes import QuantSpec
+
+    save("lowbit", "device", torch.cuda.get_device_name())
+    copy = measure_copy_bandwidth_gb_s(torch.device("cuda"))
+    save("lowbit", "copy_gb_s", copy)
+    for scheme in os.environ.get("SCHEMES", "bf16,int8,int4").split(","):
+        quantize = None if scheme == "bf16" else scheme
+        if quantize:
+            gen = torch.Generator().manual_seed(0)
+            loaded = load_model(MODEL, LoadSpec(device="cuda"))
+            seq = torch.randint(10, loaded.model.config.vocab_size, (1, 200), generator=gen).cuda()
+            quantize_model_(loaded.model, QuantSpec(quantize))
+            kernels = sorted({m.kernel.name for m in loaded.model.modules() if hasattr(m, "kernel")})
+            err, std = teacher_forced_errors(loaded.model, seq)
+            save("lowbit", f"{scheme}_engine_vs_own_forward", {"max_abs_err": err, "logit_std": std,
+                                                               "kernels": kernels})  # fmt: skip
+            del loaded
+            torch.cuda.empty_cache()
+        t = time.time()
+        spec = BenchSpec(batch_sizes=BATCHES, prompt_len=128, gen_len=128, runs=3, device="cuda")
+        result = bench_candidate(Candidate(MODEL, "llmopt", f"llmopt-{scheme}", quantize), spec, copy)
+        save("lowbit", scheme, summaries(result))
+        save("lowbit", f"{scheme}_weight_bytes", result.weight_bytes)
+        save("lowbit", f"{scheme}_wall_s", time.time() - t)
+        del result
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    {"engine": part_engine, "baselines": part_baselines}[sys.argv[1]]()
+    {"engine": part_engine, "baselines": part_baselines, "lowbit": part_lowbit}[sys.argv[1]]()

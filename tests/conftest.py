@@ -13,6 +13,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU, llmopt's Triton kernels run under Triton's interpreter (on CPU tensors); the flag is
+# read when the kernels are defined, so it is set before anything imports them. The engine and
+# QuantLinear never pick Triton kernels for CPU layers, so nothing else changes.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

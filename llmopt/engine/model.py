@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmopt.engine.kv_cache import KVCache
+from llmopt.quant.linear import QuantLinear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "proportional")
@@ -105,8 +106,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Projections(nn.Module):
-    """Several linears over the same input: one fused matmul when they are plain float linears,
-    otherwise each module as loaded (QuantLinear keeps its own kernel)."""
+    """Several linears over the same input as one matmul: float weights concatenated, or quantized
+    ones stacked where their kernel's layout allows (else each module runs as loaded)."""
 
     def __init__(self, modules: list[Any]) -> None:
         super().__init__()
@@ -127,6 +128,12 @@ class Projections(nn.Module):
                 m.weight = None
                 m.bias = None
             self.parts = nn.ModuleList([fused])
+        elif len(modules) > 1 and all(isinstance(m, QuantLinear) for m in modules):
+            fused_quant = QuantLinear.fuse(modules)  # the integers stacked: one low-bit matmul
+            if fused_quant is not None:
+                for m in modules:  # the stacked copy replaces them
+                    m.release()
+            self.parts = nn.ModuleList([fused_quant] if fused_quant is not None else modules)
         else:
             self.parts = nn.ModuleList(modules)
 

@@ -28,6 +28,8 @@ class LayerShape:
 class QuantKernel(ABC):
     name: str  # the op that does the work, e.g. "aten._weight_int8pack_mm"
     scheme: str
+    slow_on: tuple[str, ...] = ()  # device types where this kernel is only a last resort (load warns)
+    slow_hint: str = ""  # what to do about it
 
     @abstractmethod
     def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool: ...
@@ -48,6 +50,18 @@ class QuantKernel(ABC):
     def matmul(self, x: torch.Tensor, buffers: dict[str, torch.Tensor], shape: LayerShape) -> torch.Tensor:
         """x (M, K) → (M, N) in x's dtype."""
 
+    def concat(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """One layer's buffers from several layers over the same input, stacked along N (how the
+        engine fuses q/k/v and gate/up), or None where this kernel's layout cannot be stacked."""
+        return None
+
+
+class RowMajorQuantKernel(QuantKernel, ABC):
+    """A kernel whose buffers all hold one row per output channel: layers stack by concatenation."""
+
+    def concat(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
 
 CPU_FP32_DEQUANT_MIN_ROWS = 64  # at 1,024 rows both paths take ~25 ms for 1536x576 on 2 cores (BENCHMARKS.md)
 
@@ -59,9 +73,11 @@ def _op_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" else dtype
 
 
-class AtenInt8Kernel(QuantKernel):
+class AtenInt8Kernel(RowMajorQuantKernel):
     name = "aten._weight_int8pack_mm"
     scheme = "int8"
+    slow_on = ("cuda",)  # ~2.5% of copy bandwidth on an H200 (BENCHMARKS.md §5)
+    slow_hint = "install triton (it comes with CUDA builds of torch)."
 
     def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
         return shape.scheme == "int8" and device.type in ("cpu", "cuda")
@@ -93,6 +109,8 @@ class AtenInt4Kernel(QuantKernel):
 
     name = "aten._weight_int4pack_mm"
     scheme = "int4"
+    slow_on = ("cuda",)  # collapses from 16 rows on (BENCHMARKS.md §5)
+    slow_hint = "install triton (it comes with CUDA builds of torch)."
     inner_k_tile_choices = (8, 4, 2)  # CUDA layout parameter; K must be a multiple of inner_k_tiles * 16
 
     def _inner_k_tiles(self, in_features: int) -> int | None:
@@ -137,7 +155,7 @@ class AtenInt4Kernel(QuantKernel):
         return y.to(x.dtype)
 
 
-class DequantFallbackKernel(QuantKernel):
+class DequantFallbackKernel(RowMajorQuantKernel):
     """Correct for any shape, but slow: rebuilds the float weight on every call. Used only where no
     real kernel fits (a warning says so at load time); it keeps the integers, not a float copy."""
 
@@ -168,21 +186,45 @@ class DequantFallbackKernel(QuantKernel):
 
 
 _FALLBACK = DequantFallbackKernel()
-_KERNELS: list[QuantKernel] = [AtenInt8Kernel(), AtenInt4Kernel()]
+_WARNED: set[tuple[str, str]] = set()
+_KERNELS: list[QuantKernel] = []
+
+
+def _builtin_kernels() -> list[QuantKernel]:
+    """llmopt's own kernels first (each module offers only what its toolchain can run here), then
+    torch's ops. Imported on first use, so loading a float model never touches Triton or a compiler."""
+    from llmopt.quant import cpu_kernels, triton_kernels
+
+    return [*triton_kernels.available(), *cpu_kernels.available(), AtenInt8Kernel(), AtenInt4Kernel()]
+
+
+def registered_kernels() -> list[QuantKernel]:
+    """The dispatch list, in priority order."""
+    if not _KERNELS:
+        _KERNELS.extend(_builtin_kernels())
+    return _KERNELS
 
 
 def register_kernel(kernel: QuantKernel, *, first: bool = True) -> None:
     """Add a kernel to the dispatch list (ahead of the built-in ones unless ``first=False``)."""
+    kernels = registered_kernels()
     if first:
-        _KERNELS.insert(0, kernel)
+        kernels.insert(0, kernel)
     else:
-        _KERNELS.append(kernel)
+        kernels.append(kernel)
 
 
 def select_kernel(shape: LayerShape, device: torch.device, dtype: torch.dtype) -> QuantKernel:
     """The first registered kernel that supports this layer on this device."""
-    for kernel in _KERNELS:
+    for kernel in registered_kernels():
         if kernel.supports(shape, device, dtype):
+            if device.type in kernel.slow_on and (device.type, kernel.name) not in _WARNED:
+                _WARNED.add((device.type, kernel.name))
+                warnings.warn(
+                    f"{shape.scheme} layers on {device.type} run through {kernel.name}, which is many times "
+                    f"slower than llmopt's own kernels at decode: {kernel.slow_hint}",
+                    stacklevel=3,
+                )
             return kernel
     warnings.warn(
         f"No fast {shape.scheme} kernel fits a {shape.out_features}x{shape.in_features} layer "

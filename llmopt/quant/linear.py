@@ -46,10 +46,46 @@ class QuantLinear(nn.Module):
             bias = bias.to(device=device, dtype=dtype)
         return cls(shape, kernel, buffers, bias)
 
+    @classmethod
+    def fuse(cls, layers: list[QuantLinear]) -> QuantLinear | None:
+        """One QuantLinear computing several layers over the same input (outputs side by side), or
+        None when they differ in scheme, group or kernel, or the kernel's layout does not stack."""
+        first = layers[0]
+        same = all(
+            layer.kernel is first.kernel
+            and (layer.shape.scheme, layer.in_features, layer.shape.group_size)
+            == (first.shape.scheme, first.in_features, first.shape.group_size)
+            for layer in layers
+        )
+        if not same:
+            return None
+        buffers = first.kernel.concat([layer.kernel_buffers() for layer in layers])
+        if buffers is None:
+            return None
+        bias = None
+        present = [layer.bias for layer in layers if layer.bias is not None]
+        if present:
+            bias = torch.cat([
+                layer.bias.detach() if layer.bias is not None else present[0].new_zeros(layer.out_features)
+                for layer in layers
+            ])  # fmt: skip
+        out_features = sum(layer.out_features for layer in layers)
+        shape = LayerShape(first.shape.scheme, first.in_features, out_features, first.shape.group_size)
+        return cls(shape, first.kernel, buffers, bias)
+
+    def release(self) -> None:
+        """Drop this layer's tensors (after ``fuse`` copied them into a stacked layer)."""
+        for name in self._buffer_names:
+            setattr(self, name, None)
+        self.bias = None
+
+    def kernel_buffers(self) -> dict[str, torch.Tensor]:
+        """The kernel's tensors by name (what ``prepare`` returned)."""
+        return {name: getattr(self, name) for name in self._buffer_names}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        buffers = {name: getattr(self, name) for name in self._buffer_names}
-        y = self.kernel.matmul(x.reshape(-1, self.in_features), buffers, self.shape)
+        y = self.kernel.matmul(x.reshape(-1, self.in_features), self.kernel_buffers(), self.shape)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

@@ -1,0 +1,451 @@
+"""Triton kernels for weight-only int8 and int4 matmuls on the GPU.
+
+One kernel family serves every row count: a tile of ``BLOCK_M`` rows of ``x`` meets a tile of
+the low-bit weight that is loaded as integers, dequantized in registers and fed to ``tl.dot``
+(tensor cores). Weights are read once per row tile, at their stored width, so decode (1–16 rows)
+is bound by reading int8/int4 bytes instead of bf16 ones. When the output is too narrow to give
+every SM work, the K dimension is split across programs (``split_k``): each writes an fp32
+partial and one small kernel sums them in a fixed order, so results do not depend on timing
+(no atomics: greedy decoding stays deterministic).
+
+Layouts (made by ``prepare`` from the checkpoint's integers):
+- int8: ``q`` (N, K) int8 as stored; per-output-channel ``scale`` (N,) applied once to the sum.
+- int4: ``packed`` (N, K/2) uint8. In every group of G inputs, byte j holds input j in its low
+  nibble and input j + G/2 in its high nibble, each as ``q + 8`` in [0, 15]; with the group's
+  zero point stored as ``zp + 8``, ``w = (nibble - zero) * scale`` exactly as compressed-tensors'
+  ``(q - zp) * scale``. Splitting each group in halves (instead of interleaving neighbours)
+  lets the kernel dot each half with a contiguous slice of x without reshuffling registers.
+
+The ops are torch custom ops (``llmopt::int8_mm``, ``llmopt::int4_mm``) so ``torch.compile``
+treats them as opaque calls and CUDA graphs capture their launches. Under Triton's interpreter
+(``TRITON_INTERPRET=1``, how CI runs them on a CPU) the same kernels run on CPU tensors; the only
+difference is that ``tl.dot`` takes fp32 operands there (the interpreter's bf16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmopt.quant.kernels import LayerShape, QuantKernel, RowMajorQuantKernel
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU machines without triton
+    triton = None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int  # int8: inputs per step; int4: inputs per step (a multiple of the group size)
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+if triton is not None:
+
+    @triton.jit
+    def _nibbles_to_float(nib, zero, DTYPE: tl.constexpr):
+        """``nib - zero`` (both in [0, 15]; zero per column) as DTYPE, exactly.
+
+        Integer-to-float conversion instructions run at a quarter of the FMA rate, too slow for
+        two values per byte at full memory speed. For 16-bit types the nibble is OR-ed into the
+        mantissa of a power of two instead (bf16 0x4300 = 128.0, fp16 0x6400 = 1024.0: the bits
+        read as 128 + nib, resp. 1024 + nib) and the offset is subtracted in float, exactly."""
+        if DTYPE == tl.bfloat16:  # noqa: SIM300
+            w = (nib.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+            z = (zero.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+            return w - z[None, :]
+        elif DTYPE == tl.float16:  # noqa: SIM300
+            w = (nib.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+            z = (zero.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+            return w - z[None, :]
+        else:
+            return (nib.to(tl.int32) - zero.to(tl.int32)[None, :]).to(DTYPE)
+
+    @triton.jit
+    def _int8_mm_kernel(
+        x_ptr, w_ptr, scale_ptr, out_ptr,
+        M, N, K, k_per_split,
+        stride_xm, stride_wn, stride_om, stride_os,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        k_start = pid_k * k_per_split  # a multiple of BLOCK_K: splits never share a step
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(0, k_per_split, BLOCK_K):
+            kk = k_start + step + rk
+            k_ok = kk < K
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            w = tl.load(
+                w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0
+            )
+            acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision="ieee")
+        out_mask = m_ok[:, None] & n_ok[None, :]
+        out_offs = rm[:, None] * stride_om + rn[None, :]
+        if SPLIT:
+            tl.store(out_ptr + pid_k * stride_os + out_offs, acc, mask=out_mask)
+        else:
+            scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + out_offs, (acc * scale[None, :]).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _int4_mm_kernel(
+        x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr,
+        M, N, K, k_per_split,
+        stride_xm, stride_wn, stride_sn, stride_om, stride_os,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ):  # fmt: skip
+        # A step covers BLOCK_K / GROUP whole groups, one at a time: the group's bytes hold its
+        # first half of inputs in the low nibbles and its second half in the high nibbles, so
+        # each half meets a contiguous slice of x and one scale/zero per output column.
+        HALF: tl.constexpr = GROUP // 2
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rh = tl.arange(0, HALF)
+        m_ok = rm < M
+        n_ok = rn < N
+        k_start = pid_k * k_per_split
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(0, k_per_split, BLOCK_K):
+            for sub in tl.static_range(BLOCK_K // GROUP):
+                k = k_start + step + sub * GROUP
+                h_ok = k + rh < K  # K is a whole number of groups: all of a group, or none
+                nk_ok = n_ok & (k + rn * 0 < K)
+                packed = tl.load(w_ptr + rn[None, :] * stride_wn + (k // 2 + rh)[:, None],
+                                 mask=n_ok[None, :] & h_ok[:, None], other=0)  # fmt: skip
+                scale = tl.load(scale_ptr + rn * stride_sn + k // GROUP, mask=nk_ok, other=0.0).to(DOT_DTYPE)
+                zero = tl.load(zero_ptr + rn * stride_sn + k // GROUP, mask=nk_ok, other=0)
+                w_lo = _nibbles_to_float(packed & 0xF, zero, DOT_DTYPE) * scale[None, :]
+                w_hi = _nibbles_to_float(packed >> 4, zero, DOT_DTYPE) * scale[None, :]
+                x_rows = x_ptr + rm[:, None] * stride_xm + (k + rh)[None, :]
+                x_lo = tl.load(x_rows, mask=m_ok[:, None] & h_ok[None, :], other=0.0).to(DOT_DTYPE)
+                x_hi = tl.load(x_rows + HALF, mask=m_ok[:, None] & h_ok[None, :], other=0.0).to(DOT_DTYPE)
+                acc += tl.dot(x_lo, w_lo, input_precision="ieee")
+                acc += tl.dot(x_hi, w_hi, input_precision="ieee")
+        out_mask = m_ok[:, None] & n_ok[None, :]
+        out_offs = rm[:, None] * stride_om + rn[None, :]
+        if SPLIT:
+            tl.store(out_ptr + pid_k * stride_os + out_offs, acc, mask=out_mask)
+        else:
+            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _int4_dequant_kernel(
+        w_ptr, scale_ptr, zero_ptr, out_ptr, N, stride_wn, stride_sn, stride_on,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # One group of BLOCK_N rows per program: the bf16 weight for prefill-sized matmuls.
+        HALF: tl.constexpr = GROUP // 2
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        g = tl.program_id(1)
+        rh = tl.arange(0, HALF)
+        n_ok = rn < N
+        packed = tl.load(
+            w_ptr + rn[:, None] * stride_wn + (g * HALF + rh)[None, :], mask=n_ok[:, None], other=0
+        )
+        packed = packed.to(tl.int32)
+        scale = tl.load(scale_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        zero = tl.load(zero_ptr + rn * stride_sn + g, mask=n_ok, other=0).to(tl.int32)[:, None]
+        dst = out_ptr + rn[:, None] * stride_on + g * GROUP + rh[None, :]
+        ty = out_ptr.dtype.element_ty
+        tl.store(dst, (((packed & 0xF) - zero).to(tl.float32) * scale).to(ty), mask=n_ok[:, None])
+        tl.store(dst + HALF, (((packed >> 4) - zero).to(tl.float32) * scale).to(ty), mask=n_ok[:, None])
+
+    @triton.jit
+    def _split_k_sum_kernel(
+        part_ptr,
+        scale_ptr,
+        out_ptr,
+        MN,
+        N,
+        SPLIT_K: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(SPLIT_K):  # fixed order: the same sum on every run
+            acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    if interpreting() or not torch.cuda.is_available():
+        return 8
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, 1 << max(0, (n - 1).bit_length()))
+
+
+# From this many rows on, a matmul is compute-bound: dequantizing the weight once into a transient
+# 16-bit tile and running cuBLAS beats dequantizing inside every tile (Triton's tensor-core path
+# reaches ~60% of cuBLAS there). Measured on an H200, BENCHMARKS.md §5.
+DEQUANT_MIN_ROWS = 256
+
+
+def choose_config(scheme: str, m: int, n: int, k: int, group: int | None, sms: int) -> TileConfig:
+    """Tile sizes by row count (tuned on an H200 over Llama-3-8B's layers; BENCHMARKS.md §5).
+
+    Up to 16 rows (decode): one 16-row tile of x, wide weight tiles streamed in deep K steps,
+    K split while there are fewer tiles than SMs. More rows: square tiles, where each
+    dequantized weight tile is reused across the rows."""
+    if m <= 16:
+        block_m, block_n, block_k, num_warps, num_stages = 16, 64, 256, 4, 3
+    elif m <= 32:
+        block_m, block_n, block_k, num_warps, num_stages = 32, 64, 128, 4, 4
+    elif m <= 64:
+        block_m, block_n, block_k, num_warps, num_stages = 64, 128, 128, 4, 4
+    else:
+        block_m, block_n, block_k, num_warps, num_stages = 128, 128, 64, 4, 4
+    if scheme == "int4" and group is not None:
+        block_k = max(block_k // group, 1) * group
+    block_k = min(block_k, _pow2_at_least(k, group or 32))
+    tiles = -(-n // block_n) * -(-m // block_m)
+    steps = -(-k // block_k)
+    split_k = 1
+    while tiles * split_k < 0.9 * sms and split_k * 2 <= steps and split_k < 16:
+        split_k *= 2
+    return TileConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
+
+
+def _dot_dtype(x: torch.Tensor) -> Any:
+    if interpreting() or x.dtype == torch.float32:
+        return tl.float32
+    return tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
+
+
+def _splits(k: int, cfg: TileConfig) -> tuple[int, int]:
+    """(inputs per split, number of splits); each split is a whole number of BLOCK_K steps."""
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    return k_per_split, triton.cdiv(k, k_per_split)
+
+
+def _finish_split(partials: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> None:
+    m, n = out.shape
+    block = 1024
+    _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+        partials, scale if scale is not None else partials, out, m * n, n,
+        SPLIT_K=partials.shape[0], HAS_SCALE=scale is not None, BLOCK=block,
+    )  # fmt: skip
+
+
+def _prepare_out(x: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype) if out is None else out
+
+
+def _use_dequant(m: int, config: TileConfig | None) -> bool:
+    return config is None and m >= DEQUANT_MIN_ROWS and not interpreting()
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
+                config: TileConfig | None = None) -> torch.Tensor:  # fmt: skip
+    """``x @ (q * scale[:, None]).T``: x (M, K) float, q (N, K) int8, scale (N,). Writes into
+    ``out`` (M, N) when given (its previous contents are never read)."""
+    x = x.contiguous()
+    (m, k), n = x.shape, q.shape[0]
+    out = _prepare_out(x, n, out)
+    if m == 0:
+        return out
+    if _use_dequant(m, config):  # one elementwise pass: int8 * scale → x's dtype
+        return torch.mm(x, (q * scale.to(x.dtype)[:, None]).T, out=out)
+    cfg = config or choose_config("int8", m, n, k, None, _sm_count(x.device.index or 0))
+    k_per_split, split = _splits(k, cfg)
+    target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    _int8_mm_kernel[grid](
+        x, q, scale, target, m, n, k, k_per_split, x.stride(0), q.stride(0), out.stride(0), m * n,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
+        DOT_DTYPE=_dot_dtype(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split > 1:  # the per-channel scale is applied once, after the sum
+        _finish_split(target, scale, out)
+    return out
+
+
+def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                    dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """The (N, K) weight in ``dtype`` from the half-split int4 layout."""
+    n = packed.shape[0]
+    out = torch.empty((n, packed.shape[1] * 2), device=packed.device, dtype=dtype)
+    block_n = 64
+    _int4_dequant_kernel[(triton.cdiv(n, block_n), scale.shape[1])](
+        packed,
+        scale,
+        zero,
+        out,
+        n,
+        packed.stride(0),
+        scale.stride(0),
+        out.stride(0),
+        GROUP=group,
+        BLOCK_N=block_n,
+    )
+    return out
+
+
+def int4_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group: int,
+    out: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """``x @ dequant(W).T`` for the half-split int4 layout: packed (N, K/2) uint8, scale and zero
+    (N, K/G). Writes into ``out`` (M, N) when given."""
+    x = x.contiguous()
+    (m, k), n = x.shape, packed.shape[0]
+    out = _prepare_out(x, n, out)
+    if m == 0:
+        return out
+    if _use_dequant(m, config):
+        return torch.mm(x, int4_dequantize(packed, scale, zero, group, x.dtype).T, out=out)
+    cfg = config or choose_config("int4", m, n, k, group, _sm_count(x.device.index or 0))
+    k_per_split, split = _splits(k, cfg)
+    target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    _int4_mm_kernel[grid](
+        x, packed, scale, zero, target, m, n, k, k_per_split,
+        x.stride(0), packed.stride(0), scale.stride(0), out.stride(0), m * n,
+        GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
+        DOT_DTYPE=_dot_dtype(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split > 1:
+        _finish_split(target, None, out)
+    return out
+
+
+def pack_int4_halves(q: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, K) int4 values in [-8, 7] → (N, K/2) uint8 in the half-split layout above."""
+    n, k = q.shape
+    u = (q.to(torch.int16) + 8).to(torch.uint8).view(n, k // group, 2, group // 2)
+    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+# torch custom ops: opaque to torch.compile, launched as-is inside CUDA graphs.
+
+
+@torch.library.custom_op("llmopt::int8_mm", mutates_args=())
+def _int8_mm_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return int8_matmul(x, q, scale)
+
+
+@_int8_mm_op.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], q.shape[0]))
+
+
+@torch.library.custom_op("llmopt::int4_mm", mutates_args=())
+def _int4_mm_op(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
+) -> torch.Tensor:
+    return int4_matmul(x, packed, scale, zero, group)
+
+
+@_int4_mm_op.register_fake
+def _(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+def _runs_here(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+class TritonInt8Kernel(RowMajorQuantKernel):
+    name = "llmopt.triton_int8_mm"
+    scheme = "int8"
+
+    def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
+        return (
+            shape.scheme == "int8"
+            and _runs_here(device)
+            and dtype in (torch.bfloat16, torch.float16, torch.float32)
+        )
+
+    def prepare(self, q, scale, zero_point, shape, device, dtype):
+        return {
+            "weight_int8": q.to(device=device, dtype=torch.int8).contiguous(),  # (N, K)
+            "scales": scale.reshape(-1).to(device=device).contiguous(),  # (N,), the checkpoint's dtype
+        }
+
+    def matmul(self, x, buffers, shape):
+        return torch.ops.llmopt.int8_mm(x, buffers["weight_int8"], buffers["scales"])
+
+
+class TritonInt4Kernel(RowMajorQuantKernel):
+    name = "llmopt.triton_int4_mm"
+    scheme = "int4"
+
+    def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
+        g = shape.group_size
+        return (
+            shape.scheme == "int4"
+            and g is not None
+            and g >= 32
+            and g & (g - 1) == 0
+            and shape.in_features % g == 0
+            and _runs_here(device)
+            and dtype in (torch.bfloat16, torch.float16, torch.float32)
+        )
+
+    def prepare(self, q, scale, zero_point, shape, device, dtype):
+        group = shape.group_size
+        assert group is not None
+        n, k = q.shape
+        zp = zero_point if zero_point is not None else torch.zeros(n, k // group, dtype=torch.int8)
+        return {
+            "weight_int4": pack_int4_halves(q.to(device), group),
+            "scales": scale.reshape(n, k // group).to(device=device).contiguous(),
+            "zeros": (zp.reshape(n, k // group).to(torch.int16) + 8)
+            .to(device=device, dtype=torch.uint8)
+            .contiguous(),
+        }
+
+    def matmul(self, x, buffers, shape):
+        assert shape.group_size is not None
+        return torch.ops.llmopt.int4_mm(
+            x, buffers["weight_int4"], buffers["scales"], buffers["zeros"], shape.group_size
+        )
+
+
+def available() -> list[QuantKernel]:
+    """The Triton kernels, where Triton is installed (the GPU machine; CI too, for the interpreter)."""
+    if triton is None:
+        return []
+    return [TritonInt8Kernel(), TritonInt4Kernel()]
