@@ -78,6 +78,19 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def capture(body, warmup) -> torch.cuda.CUDAGraph:
+    """``warmup()`` on a side stream (compilation, allocations), then ``body()`` captured in a graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warmup()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
 def part_check() -> dict:
     rows = []
     shapes = [(1, 33, 577), (1, 4096, 4096), (3, 100, 1000), (7, 6144, 4096), (16, 1000, 4096),
@@ -105,15 +118,9 @@ def part_check() -> dict:
     q, s, zp, deq = make_layer("int8", 4096, 4096, torch.bfloat16)
     x = torch.randn(2, 4096, device=DEV, dtype=torch.bfloat16)
     fn = torch.compile(lambda t: torch.ops.llmopt.int8_mm(t, q, s.reshape(-1)) * 2, fullgraph=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_static = fn(x)
+    captured: list[torch.Tensor] = []
+    graph = capture(lambda: captured.append(fn(x)), warmup=lambda: [fn(x) for _ in range(3)])
+    y_static = captured[0]
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
@@ -132,17 +139,16 @@ def part_check() -> dict:
 
 def time_graph(fn, copies: int, reps: int = 7) -> float:
     """Seconds per call: one CUDA graph runs ``fn(i)`` for every copy i, 4 rounds."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+
+    def one_round() -> None:
         for i in range(copies):
             fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def four_rounds() -> None:
         for _ in range(4):
-            for i in range(copies):
-                fn(i)
+            one_round()
+
+    graph = capture(four_rounds, warmup=one_round)
     graph.replay()
     times = []
     for _ in range(reps):
@@ -153,12 +159,6 @@ def time_graph(fn, copies: int, reps: int = 7) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / (4 * copies))
     return statistics.median(times)
-
-
-def layer_copies(scheme: str, n: int, k: int, bytes_each: int):
-    copies = max(2, math.ceil(256e6 / bytes_each))
-    q, s, zp, _ = make_layer(scheme, n, k, torch.bfloat16)
-    return copies, q, s, zp
 
 
 def bench_shape(name: str, n: int, k: int, m: int, copy_bw: float, configs=None) -> list[dict]:
