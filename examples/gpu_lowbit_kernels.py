@@ -4,6 +4,7 @@ Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py check      # correctness + CUDA graph capture
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py table      # per-kernel table, chosen tiles
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py sweep      # search tile configs per shape
+    PYTHONPATH=. python examples/gpu_lowbit_kernels.py orient     # weight as left vs right mma operand
 
 Correctness: random weights quantized with llmopt's own schemes, many shapes (odd sizes, not
 multiples of any block), bf16 and fp16 activations; outputs poisoned with NaN before each run;
@@ -249,6 +250,97 @@ def sweep_configs(m: int) -> dict:
     return out
 
 
+def with_split(scheme: str, m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
+               warps: int, stages: int, weight_left: bool) -> tk.TileConfig:  # fmt: skip
+    """A tile config whose split-K follows choose_config's rule for these tiles."""
+    tiles = -(-n // block_n) * -(-m // block_m)
+    steps = -(-k // block_k)
+    split = 1
+    while tiles * split < 0.9 * tk._sm_count(0) and split * 2 <= steps and split < 16:
+        split *= 2
+    return tk.TileConfig(block_m, block_n, block_k, split, warps, stages, weight_left)
+
+
+def uses_wgmma(scheme: str, cfg: tk.TileConfig) -> bool:
+    """Whether Triton compiled this tile config to Hopper's wgmma (else mma.sync)."""
+    n, k, m = 4096, 4096, cfg.block_m
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
+    q, s, zp, _ = make_layer(scheme, n, k, torch.bfloat16)
+    shape = LayerShape(scheme, k, n, None if scheme == "int8" else GROUP)
+    kern = tk.TritonInt8Kernel() if scheme == "int8" else tk.TritonInt4Kernel()
+    b = kern.prepare(q, s, zp, shape, DEV, torch.bfloat16)
+    grid = (n // cfg.block_n, 1, 1)
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=False,
+                  DOT_DTYPE=tk.tl.bfloat16, WEIGHT_LEFT=cfg.weight_left, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)  # fmt: skip
+    if scheme == "int8":
+        handle = tk._int8_mm_kernel[grid](x, b["weight_int8"], b["scales"], out, m, n, k, k, k, k, n, 0,
+                                          **common)  # fmt: skip
+    else:
+        handle = tk._int4_mm_kernel[grid](x, b["weight_int4"], b["scales"], b["zeros"], out, m, n, k, k,
+                                          k, k // 2, k // GROUP, n, 0, GROUP=GROUP, **common)  # fmt: skip
+    return "wgmma" in handle.asm["ptx"]
+
+
+def part_orient() -> dict:
+    """Weight tile as the right mma operand (x @ Wᵀ) against the left one ((W @ xᵀ)ᵀ), per shape."""
+    copy_bw = copy_bandwidth()
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    probes = {}
+    for scheme in ("int8", "int4"):
+        for left in (False, True):
+            for bm, bn, warps in ((16, 64, 4), (16, 128, 8), (64, 128, 4), (128, 128, 8)):
+                cfg = tk.TileConfig(bm, bn, 256 if bm == 16 else 128, 1, warps, 3, left)
+                try:
+                    probes[f"{scheme} left={left} {bm}x{bn} w{warps}"] = uses_wgmma(scheme, cfg)
+                except Exception as exc:  # a config Triton cannot compile
+                    probes[f"{scheme} left={left} {bm}x{bn} w{warps}"] = f"{type(exc).__name__}: {exc}"[:200]
+    for key, val in probes.items():
+        print(f"wgmma {key}: {val}", flush=True)
+    return sweep_by("weight_left", orient_space, copy_bw) | {"probes": probes}
+
+
+def orient_space(scheme: str, m: int, n: int, k: int) -> list:
+    configs = []
+    if m <= 16:
+        space = itertools.product((16,), (64, 128), (256, 512), (4, 8), (3,), (False, True))
+    else:
+        bms = (min(128, max(16, 1 << (m - 1).bit_length())),)
+        space = itertools.product(bms, (64, 128, 256), (64, 128), (4, 8), (3,), (False, True))
+    for bm, bn, bk, warps, stages, left in space:
+        if scheme == "int4" and bk < GROUP:
+            continue
+        configs.append(with_split(scheme, m, n, k, bm, bn, bk, warps, stages, left))
+    return configs
+
+
+def sweep_by(key: str, space, copy_bw: float) -> dict:
+    """Time every config of ``space(scheme, m, n, k)`` per row count and shape; print the best per
+    value of the config field ``key``."""
+    ms = [int(v) for v in os.environ.get("MS", "1,16,32,128").split(",")]
+    shapes = os.environ.get("SHAPES", "qkv,o,gate_up,down").split(",")
+    rows = []
+    for m in ms:
+        for name in shapes:
+            n, k = LLAMA_SHAPES[name]
+            configs = {scheme: space(scheme, m, n, k) for scheme in ("int8", "int4")}
+            rows += bench_shape(name, n, k, m, copy_bw, configs)
+            for scheme in ("int8", "int4"):
+                for value in sorted({c.__dict__[key] for c in configs[scheme]}):
+                    cands = [r for r in rows if r["m"] == m and r["shape"] == name
+                             and r["kernel"] == f"sweep {scheme}"
+                             and r["config"][key] == value]  # fmt: skip
+                    if cands:
+                        r = min(cands, key=lambda r: r["us"])
+                        print(f"m={m:4d} {name:8s} {scheme} {key}={value!s:5s} best {r['us']:8.1f} us "
+                              f"{r['pct_copy_bw']:5.1f}% {r['config']}", flush=True)  # fmt: skip
+            bf = [r for r in rows if r["m"] == m and r["shape"] == name and r["kernel"] == "bf16 cublas"]
+            print(f"m={m:4d} {name:8s} bf16 cublas {bf[0]['us']:8.1f} us", flush=True)
+            (OUT / f"lowbit_{key}_partial.json").write_text(json.dumps({"copy_bw": copy_bw, "rows": rows}))
+    return {"copy_bw": copy_bw, "rows": rows}
+
+
 def part_table(sweep: bool) -> dict:
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s")
@@ -277,7 +369,12 @@ def part_table(sweep: bool) -> dict:
 def main() -> None:
     part = sys.argv[1]
     OUT.mkdir(parents=True, exist_ok=True)
-    result = part_check() if part == "check" else part_table(sweep=part == "sweep")
+    if part == "check":
+        result = part_check()
+    elif part == "orient":
+        result = part_orient()
+    else:
+        result = part_table(sweep=part == "sweep")
     result["device"] = torch.cuda.get_device_name()
     result["triton"] = tk.triton.__version__
     (OUT / f"lowbit_{part}.json").write_text(json.dumps(result, indent=1))

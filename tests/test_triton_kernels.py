@@ -68,13 +68,16 @@ def test_int8_matches_dequantized_reference(m: int, n: int, k: int) -> None:
     assert rel_err(out, x.double() @ w.T) < REL_TOL
 
 
-@pytest.mark.parametrize("split_k", [1, 2, 3, 8])
-def test_int8_split_k_sums_every_slice_once(split_k: int) -> None:
-    """Split K (fp32 partials summed in a fixed order, scale applied after the sum) equals no split."""
+@pytest.mark.parametrize(("split_k", "weight_left"), [(1, False), (2, False), (3, False), (8, False),
+                                                      (1, True), (3, True)])  # fmt: skip
+def test_int8_split_k_sums_every_slice_once(split_k: int, weight_left: bool) -> None:
+    """Split K (fp32 partials summed in a fixed order, scale applied after the sum) equals no split;
+    so does the transposed product (weight tile as the left operand), written back transposed."""
     m, n, k = 3, 45, 700
     q, scale, w = int8_layer(n, k, seed=1)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
-    cfg = tk.TileConfig(block_m=16, block_n=32, block_k=64, split_k=split_k, num_warps=4, num_stages=2)
+    cfg = tk.TileConfig(block_m=16, block_n=32, block_k=64, split_k=split_k, num_warps=4, num_stages=2,
+                        weight_left=weight_left)  # fmt: skip
     out = tk.int8_matmul(x, q, scale, out=poisoned(m, n), config=cfg)
     assert rel_err(out, x.double() @ w.T) < REL_TOL
 
@@ -91,12 +94,14 @@ def test_int4_matches_dequantized_reference(m: int, n: int, k: int, group: int) 
     assert rel_err(out, x.double() @ w.T) < REL_TOL
 
 
-@pytest.mark.parametrize("split_k", [1, 2, 5])
-def test_int4_split_k_and_several_groups_per_step(split_k: int) -> None:
+@pytest.mark.parametrize(("split_k", "weight_left"),
+                         [(1, False), (2, False), (5, False), (1, True), (2, True)])  # fmt: skip
+def test_int4_split_k_and_several_groups_per_step(split_k: int, weight_left: bool) -> None:
     m, n, k, group = 4, 70, 1024, 64
     buffers, w = int4_layer(n, k, group, seed=3)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
-    cfg = tk.TileConfig(block_m=16, block_n=32, block_k=256, split_k=split_k, num_warps=4, num_stages=2)
+    cfg = tk.TileConfig(block_m=16, block_n=32, block_k=256, split_k=split_k, num_warps=4, num_stages=2,
+                        weight_left=weight_left)  # fmt: skip
     out = tk.int4_matmul(x, buffers["weight_int4"], buffers["scales"], buffers["zeros"], group,
                          out=poisoned(m, n), config=cfg)  # fmt: skip
     assert rel_err(out, x.double() @ w.T) < REL_TOL
@@ -124,7 +129,7 @@ def test_nibble_conversion_is_exact(dtype) -> None:
     def convert(nib_ptr, zero_ptr, out_ptr, DTYPE: tl.constexpr):
         r = tl.arange(0, 16)
         nib = tl.load(nib_ptr + r[:, None] * 16 + r[None, :])
-        out = tk._nibbles_to_float(nib, tl.load(zero_ptr + r), DTYPE)
+        out = tk._nibbles_to_float(nib, tl.load(zero_ptr + r)[None, :], DTYPE)
         tl.store(out_ptr + r[:, None] * 16 + r[None, :], out.to(tl.float32))
 
     nib = torch.arange(256, dtype=torch.int32).remainder(16).to(torch.uint8).view(16, 16)
@@ -179,6 +184,10 @@ def test_tile_choice_keeps_every_sm_busy() -> None:
     assert wide.split_k == 1
     assert tk.choose_config("int4", 1, 4096, 4096, 128, sms=132).block_k % 128 == 0
     assert tk.choose_config("int8", 128, 4096, 4096, None, sms=132).block_m == 128
+    # int4 puts the dequantized weight on the left of the mma from 17 rows on; int8 never does.
+    assert not tk.choose_config("int4", 16, 4096, 4096, 128, sms=132).weight_left
+    assert tk.choose_config("int4", 17, 4096, 4096, 128, sms=132).weight_left
+    assert not any(tk.choose_config("int8", m, 4096, 4096, None, sms=132).weight_left for m in (1, 32, 128))
 
 
 def test_cuda_layers_pick_triton_and_warn_when_only_torch_ops_remain(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,13 +52,14 @@ class TileConfig:
     split_k: int
     num_warps: int
     num_stages: int
+    weight_left: bool = False  # compute (W x^T)^T: the dequantized weight is the left mma operand
 
 
 if triton is not None:
 
     @triton.jit
     def _nibbles_to_float(nib, zero, DTYPE: tl.constexpr):
-        """``nib - zero`` (both in [0, 15]; zero per column) as DTYPE, exactly.
+        """``nib - zero`` (both in [0, 15]; ``zero`` broadcast against ``nib``) as DTYPE, exactly.
 
         Integer-to-float conversion instructions run at a quarter of the FMA rate, too slow for
         two values per byte at full memory speed. For 16-bit types the nibble is OR-ed into the
@@ -67,13 +68,13 @@ if triton is not None:
         if DTYPE == tl.bfloat16:  # noqa: SIM300
             w = (nib.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
             z = (zero.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
-            return w - z[None, :]
+            return w - z
         elif DTYPE == tl.float16:  # noqa: SIM300
             w = (nib.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
             z = (zero.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-            return w - z[None, :]
+            return w - z
         else:
-            return (nib.to(tl.int32) - zero.to(tl.int32)[None, :]).to(DTYPE)
+            return (nib.to(tl.int32) - zero.to(tl.int32)).to(DTYPE)
 
     @triton.jit
     def _int8_mm_kernel(
@@ -81,8 +82,11 @@ if triton is not None:
         M, N, K, k_per_split,
         stride_xm, stride_wn, stride_om, stride_os,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, WEIGHT_LEFT: tl.constexpr,
     ):  # fmt: skip
+        # WEIGHT_LEFT computes the transposed product, W_tile @ x_tileᵀ: the weight tile, which
+        # is dequantized in registers, becomes the left operand, the one Hopper's wgmma can read
+        # from registers (the right one must come from shared memory).
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -92,24 +96,48 @@ if triton is not None:
         m_ok = rm < M
         n_ok = rn < N
         k_start = pid_k * k_per_split  # a multiple of BLOCK_K: splits never share a step
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if WEIGHT_LEFT:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(0, k_per_split, BLOCK_K):
             kk = k_start + step + rk
             k_ok = kk < K
-            x = tl.load(
-                x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            w = tl.load(
-                w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0
-            )
-            acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision="ieee")
-        out_mask = m_ok[:, None] & n_ok[None, :]
-        out_offs = rm[:, None] * stride_om + rn[None, :]
-        if SPLIT:
-            tl.store(out_ptr + pid_k * stride_os + out_offs, acc, mask=out_mask)
+            if WEIGHT_LEFT:
+                x_mask = m_ok[None, :] & k_ok[:, None]
+                xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=x_mask, other=0.0)
+                w = tl.load(
+                    w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0
+                )
+                acc += tl.dot(w.to(DOT_DTYPE), xt.to(DOT_DTYPE), input_precision="ieee")
+            else:
+                x_mask = m_ok[:, None] & k_ok[None, :]
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=x_mask, other=0.0)
+                w = tl.load(
+                    w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0
+                )
+                acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision="ieee")
+        _store_tile(acc, out_ptr, scale_ptr, rm, rn, m_ok, n_ok, pid_k, stride_om, stride_os,
+                    SPLIT, True, WEIGHT_LEFT)  # fmt: skip
+
+    @triton.jit
+    def _store_tile(acc, out_ptr, scale_ptr, rm, rn, m_ok, n_ok, pid_k, stride_om, stride_os,
+                    SPLIT: tl.constexpr, HAS_SCALE: tl.constexpr, WEIGHT_LEFT: tl.constexpr):  # fmt: skip
+        """Write an (M, N) tile, or its transpose (N, M) when WEIGHT_LEFT: an fp32 partial per
+        split, else the result (times the per-column scale, if any) in the output's dtype."""
+        if WEIGHT_LEFT:
+            mask = n_ok[:, None] & m_ok[None, :]
+            offs = rm[None, :] * stride_om + rn[:, None]
         else:
-            scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + out_offs, (acc * scale[None, :]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            mask = m_ok[:, None] & n_ok[None, :]
+            offs = rm[:, None] * stride_om + rn[None, :]
+        if SPLIT:
+            tl.store(out_ptr + pid_k * stride_os + offs, acc, mask=mask)
+        else:
+            if HAS_SCALE:
+                scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+                acc = acc * scale[:, None] if WEIGHT_LEFT else acc * scale[None, :]
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _int4_mm_kernel(
@@ -117,11 +145,12 @@ if triton is not None:
         M, N, K, k_per_split,
         stride_xm, stride_wn, stride_sn, stride_om, stride_os,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, WEIGHT_LEFT: tl.constexpr,
     ):  # fmt: skip
         # A step covers BLOCK_K / GROUP whole groups, one at a time: the group's bytes hold its
         # first half of inputs in the low nibbles and its second half in the high nibbles, so
         # each half meets a contiguous slice of x and one scale/zero per output column.
+        # WEIGHT_LEFT: the transposed product, as in _int8_mm_kernel.
         HALF: tl.constexpr = GROUP // 2
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -132,29 +161,41 @@ if triton is not None:
         m_ok = rm < M
         n_ok = rn < N
         k_start = pid_k * k_per_split
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if WEIGHT_LEFT:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(0, k_per_split, BLOCK_K):
             for sub in tl.static_range(BLOCK_K // GROUP):
                 k = k_start + step + sub * GROUP
                 h_ok = k + rh < K  # K is a whole number of groups: all of a group, or none
                 nk_ok = n_ok & (k + rn * 0 < K)
-                packed = tl.load(w_ptr + rn[None, :] * stride_wn + (k // 2 + rh)[:, None],
-                                 mask=n_ok[None, :] & h_ok[:, None], other=0)  # fmt: skip
                 scale = tl.load(scale_ptr + rn * stride_sn + k // GROUP, mask=nk_ok, other=0.0).to(DOT_DTYPE)
                 zero = tl.load(zero_ptr + rn * stride_sn + k // GROUP, mask=nk_ok, other=0)
-                w_lo = _nibbles_to_float(packed & 0xF, zero, DOT_DTYPE) * scale[None, :]
-                w_hi = _nibbles_to_float(packed >> 4, zero, DOT_DTYPE) * scale[None, :]
-                x_rows = x_ptr + rm[:, None] * stride_xm + (k + rh)[None, :]
-                x_lo = tl.load(x_rows, mask=m_ok[:, None] & h_ok[None, :], other=0.0).to(DOT_DTYPE)
-                x_hi = tl.load(x_rows + HALF, mask=m_ok[:, None] & h_ok[None, :], other=0.0).to(DOT_DTYPE)
-                acc += tl.dot(x_lo, w_lo, input_precision="ieee")
-                acc += tl.dot(x_hi, w_hi, input_precision="ieee")
-        out_mask = m_ok[:, None] & n_ok[None, :]
-        out_offs = rm[:, None] * stride_om + rn[None, :]
-        if SPLIT:
-            tl.store(out_ptr + pid_k * stride_os + out_offs, acc, mask=out_mask)
-        else:
-            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+                if WEIGHT_LEFT:
+                    packed = tl.load(w_ptr + rn[:, None] * stride_wn + (k // 2 + rh)[None, :],
+                                     mask=n_ok[:, None] & h_ok[None, :], other=0)  # fmt: skip
+                    w_lo = _nibbles_to_float(packed & 0xF, zero[:, None], DOT_DTYPE) * scale[:, None]
+                    w_hi = _nibbles_to_float(packed >> 4, zero[:, None], DOT_DTYPE) * scale[:, None]
+                    x_cols = x_ptr + rm[None, :] * stride_xm + (k + rh)[:, None]
+                    x_mask = m_ok[None, :] & h_ok[:, None]
+                    x_lo = tl.load(x_cols, mask=x_mask, other=0.0).to(DOT_DTYPE)
+                    x_hi = tl.load(x_cols + HALF, mask=x_mask, other=0.0).to(DOT_DTYPE)
+                    acc += tl.dot(w_lo, x_lo, input_precision="ieee")
+                    acc += tl.dot(w_hi, x_hi, input_precision="ieee")
+                else:
+                    packed = tl.load(w_ptr + rn[None, :] * stride_wn + (k // 2 + rh)[:, None],
+                                     mask=n_ok[None, :] & h_ok[:, None], other=0)  # fmt: skip
+                    w_lo = _nibbles_to_float(packed & 0xF, zero[None, :], DOT_DTYPE) * scale[None, :]
+                    w_hi = _nibbles_to_float(packed >> 4, zero[None, :], DOT_DTYPE) * scale[None, :]
+                    x_rows = x_ptr + rm[:, None] * stride_xm + (k + rh)[None, :]
+                    x_mask = m_ok[:, None] & h_ok[None, :]
+                    x_lo = tl.load(x_rows, mask=x_mask, other=0.0).to(DOT_DTYPE)
+                    x_hi = tl.load(x_rows + HALF, mask=x_mask, other=0.0).to(DOT_DTYPE)
+                    acc += tl.dot(x_lo, w_lo, input_precision="ieee")
+                    acc += tl.dot(x_hi, w_hi, input_precision="ieee")
+        _store_tile(acc, out_ptr, scale_ptr, rm, rn, m_ok, n_ok, pid_k, stride_om, stride_os,
+                    SPLIT, False, WEIGHT_LEFT)  # fmt: skip
 
     @triton.jit
     def _int4_dequant_kernel(
@@ -217,19 +258,35 @@ DEQUANT_MIN_ROWS = 256
 
 
 def choose_config(scheme: str, m: int, n: int, k: int, group: int | None, sms: int) -> TileConfig:
-    """Tile sizes by row count (tuned on an H200 over Llama-3-8B's layers; BENCHMARKS.md §5).
+    """Tile sizes by row count and layer shape, from sweeps on an H200 over Llama-3-8B's layers
+    (BENCHMARKS.md §5; examples/gpu_lowbit_kernels.py ``sweep`` and ``orient``).
 
-    Up to 16 rows (decode): one 16-row tile of x, wide weight tiles streamed in deep K steps,
-    K split while there are fewer tiles than SMs. More rows: square tiles, where each
-    dequantized weight tile is reused across the rows."""
+    Up to 16 rows (decode): one 16-row tile of x, 128-wide weight tiles streamed in deep K steps
+    (512 inputs for wide K, where fewer steps cut the loop's overhead), K split while there are
+    fewer tiles than SMs. More rows: taller x tiles that reuse each dequantized weight tile.
+    From 17 rows on, int4 computes the transposed product (``weight_left``): the dequantized
+    weight tile is then the operand Hopper's wgmma takes from registers, 1.2-1.4x faster there;
+    int8 measured slower that way at every row count, so it keeps x on the left."""
+    left = scheme == "int4" and m > 16
     if m <= 16:
-        block_m, block_n, block_k, num_warps, num_stages = 16, 64, 256, 4, 3
+        block_m, block_n, num_stages = 16, 128, 3
+        block_k = 512 if scheme == "int8" and k >= 8192 else 256
+        num_warps = 4 if scheme == "int8" else 8
     elif m <= 32:
-        block_m, block_n, block_k, num_warps, num_stages = 32, 64, 128, 4, 4
+        block_m, block_k, num_stages = 32, 128, 3
+        if scheme == "int8":
+            block_n, num_warps = (256, 8) if k >= 8192 else (128, 4)
+        else:
+            block_n, num_warps = 128, 8
     elif m <= 64:
-        block_m, block_n, block_k, num_warps, num_stages = 64, 128, 128, 4, 4
+        block_m, block_n, block_k, num_warps, num_stages = 64, 128, 128, 4, 3
     else:
-        block_m, block_n, block_k, num_warps, num_stages = 128, 128, 64, 4, 4
+        block_m, block_n = 128, 128
+        if scheme == "int8":
+            block_k, num_warps, num_stages = (128, 8, 3) if n <= 4096 else (64, 4, 4)
+        else:
+            block_k, num_stages = 128, 3
+            block_n, num_warps = (128, 8) if n <= 4096 else (64, 4)
     if scheme == "int4" and group is not None:
         block_k = max(block_k // group, 1) * group
     block_k = min(block_k, _pow2_at_least(k, group or 32))
@@ -238,7 +295,7 @@ def choose_config(scheme: str, m: int, n: int, k: int, group: int | None, sms: i
     split_k = 1
     while tiles * split_k < 0.9 * sms and split_k * 2 <= steps and split_k < 16:
         split_k *= 2
-    return TileConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
+    return TileConfig(block_m, block_n, block_k, split_k, num_warps, num_stages, left)
 
 
 def _dot_dtype(x: torch.Tensor) -> Any:
@@ -288,7 +345,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
     _int8_mm_kernel[grid](
         x, q, scale, target, m, n, k, k_per_split, x.stride(0), q.stride(0), out.stride(0), m * n,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
-        DOT_DTYPE=_dot_dtype(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_DTYPE=_dot_dtype(x), WEIGHT_LEFT=cfg.weight_left, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     if split > 1:  # the per-channel scale is applied once, after the sum
         _finish_split(target, scale, out)
@@ -342,7 +400,8 @@ def int4_matmul(
         x, packed, scale, zero, target, m, n, k, k_per_split,
         x.stride(0), packed.stride(0), scale.stride(0), out.stride(0), m * n,
         GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
-        DOT_DTYPE=_dot_dtype(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_DTYPE=_dot_dtype(x), WEIGHT_LEFT=cfg.weight_left, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     if split > 1:
         _finish_split(target, None, out)
