@@ -58,15 +58,16 @@ def compare_summaries(
 
 
 def cached_quantized(model: str, scheme: str = "int8", progress: Progress | None = None) -> str:
-    """The path of ``model`` quantized with ``scheme``, made once into the cache (keyed by source hash)."""
-    from llmopt.quant.api import QuantizeSpec, quantize_checkpoint
+    """The path of ``model`` quantized with ``scheme``, made once into the cache (keyed by source hash
+    and by the default recipe's version, so a changed recipe makes a new checkpoint)."""
+    from llmopt.quant.api import RECIPE_VERSION, QuantizeSpec, quantize_checkpoint
     from llmopt.quant.schemes import QuantSpec
 
     files = resolve_model(model, progress=(lambda m: progress(m, 0, 0)) if progress else None)
     label = model if model in BUILTIN_MODELS else files.root.name
     root = cache_dir() / "quantized"
     root.mkdir(parents=True, exist_ok=True)
-    out = root / f"{label}-{scheme}-{hash_model(files)[:12]}"
+    out = root / f"{label}-{scheme}-r{RECIPE_VERSION}-{hash_model(files)[:12]}"
     with FileLock(str(root / f"{out.name}.lock")):
         if not (out / "config.json").is_file():
             spec = QuantizeSpec(QuantSpec(scheme), out=out, force=True, evaluate=has_tokenizer(files.root))

@@ -38,6 +38,15 @@ def quantize(
         ),
     ] = "auto",
     keep_head: Annotated[bool, typer.Option("--keep-head", help="Leave lm_head in 16-bit.")] = False,
+    rotate: Annotated[
+        bool | None,
+        typer.Option(
+            "--rotate/--no-rotate",
+            help="Rotate the residual stream before quantizing (exact; the checkpoint stays a plain "
+            "one of the same architecture). Default: on for int8 with GPTQ where the architecture "
+            "allows, off otherwise.",
+        ),
+    ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Output directory (default ./MODEL-SCHEME).")
     ] = None,
@@ -57,7 +66,9 @@ def quantize(
     from llmopt.quant.schemes import QuantSpec
 
     spec = QuantizeSpec(
-        quant=QuantSpec(scheme=scheme, group_size=group_size, keep_head=keep_head, method=method),
+        quant=QuantSpec(
+            scheme=scheme, group_size=group_size, keep_head=keep_head, method=method, rotate=rotate
+        ),
         out=out_dir,
         force=force,
         evaluate=not no_eval,
@@ -77,6 +88,7 @@ def quantize(
     group = f", group {result.group_size}" if result.group_size else ", per channel"
     table.add_row("Scheme", f"{result.scheme}{group}, head {result.head}")
     table.add_row("Method", "GPTQ (calibrated)" if result.method == "gptq" else "round-to-nearest")
+    table.add_row("Residual-stream rotation", "yes" if result.rotated else "no")
     table.add_row("Size before", human_bytes(result.bytes_before))
     table.add_row("Size after", human_bytes(result.bytes_after))
     table.add_row("Ratio", f"{result.ratio:.2f}x")

@@ -169,18 +169,28 @@ def write_quantized_checkpoint(
     progress: Progress | None = None,
     max_shard_bytes: int | None = None,
     codes: dict[str, Codes] | None = None,
+    replace: dict[str, torch.Tensor] | None = None,
 ) -> int:
     """Stream the source through the plan into ``out`` (an empty directory). Returns weight bytes written.
 
     ``codes`` (module name → integers and scales, e.g. from GPTQ) are written as given; other
-    planned layers are rounded to nearest as their tensors stream past."""
+    planned layers are rounded to nearest as their tensors stream past. ``replace`` (tensor name →
+    tensor, e.g. a rotated model's embeddings and norms) overrides source tensors, cast to the
+    source's dtype; names the source lacks (a rotated 16-bit head that was tied) are added, in the
+    embeddings' dtype, and untie the head."""
     codes = codes or {}
+    replace = dict(replace or {})
     say = progress or (lambda *_: None)
     writer = ShardWriter(out, max_shard_bytes) if max_shard_bytes else ShardWriter(out)
+    embed_dtype = torch.float32
     weights = {f"{n}.weight": n for n in plan.layers}
     total = len(tensor_names(files))
     for done, (name, tensor) in enumerate(iter_tensors(files), start=1):
         module = weights.get(name)
+        if name == f"{plan.embed_name}.weight":
+            embed_dtype = tensor.dtype
+        if name in replace:
+            tensor = replace.pop(name).to(tensor.dtype)
         if module is not None:
             for k, v in _quantized_tensors(module, tensor, plan.layers[module], codes.get(module)).items():
                 writer.add(k, v)
@@ -192,14 +202,17 @@ def write_quantized_checkpoint(
             ).items():
                 writer.add(k, v)
         say("quantizing", done, total)
+    added = list(replace)  # not in the source: a tied head that is now its own tensor
+    for name in added:
+        writer.add(name, replace.pop(name).to(embed_dtype))
     writer.finish()
 
     config = dict(files.config)
     config["quantization_config"] = build_quantization_config(
         plan.body, plan.head, plan.head_name, plan.ignore
     )
-    if plan.head_tied and plan.head is not None:
-        config["tie_word_embeddings"] = False  # the head is now its own (int8) tensor
+    if plan.head_tied and (plan.head is not None or added):
+        config["tie_word_embeddings"] = False  # the head is now its own (int8 or rotated) tensor
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for item in files.root.iterdir():
         if item.is_file() and item.name not in _SKIP_COPY and item not in files.weight_files:

@@ -36,6 +36,7 @@ class QuantSpec:
     group_size: int | None = None  # int4 only
     keep_head: bool = False  # leave lm_head in 16-bit
     method: str = "auto"  # "gptq" (calibrated), "rtn" (round-to-nearest, streams), "auto": gptq if it fits
+    rotate: bool | None = None  # residual-stream rotation (quant/rotation.py); None: on for int8 with GPTQ
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
