@@ -217,7 +217,7 @@ def profile_step(engine: Any, position: int = 200) -> dict[str, Any]:
     by_op = {e.key: (e.self_cpu_time_total, e.count) for e in events}
     total_ops = sum(t for t, _ in by_op.values())
     matmul = sum(t for k, (t, _) in by_op.items() if "int8_linear_cpu" in k or "int8pack" in k)
-    attention = sum(t for k, (t, _) in by_op.items() if "scaled_dot_product" in k)
+    attention = sum(t for k, (t, _) in by_op.items() if "scaled_dot_product" in k or "decode_attention" in k)
     top = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:12]
     return {
         "step_ms_unprofiled_median": 1e3 * statistics.median(walls),

@@ -16,6 +16,7 @@ layer's sliding window), so rows of different lengths share one step.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,21 +89,42 @@ def arch_spec(config: Any) -> ArchSpec:
     )
 
 
+@functools.cache
+def _cpu_decode_ops() -> bool:
+    from llmopt.quant.cpu_kernels import decode_ops_available
+
+    return decode_ops_available()
+
+
+def cpu_fast_path(x: torch.Tensor) -> bool:
+    """Eager fp32 on the CPU, where llmopt's C++ ops (quant/csrc/decode_cpu.cpp) replace several
+    small torch ops each: per-op dispatch is what an eager CPU decode step mostly spends."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and _cpu_decode_ops()
+    )
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Exactly transformers' Llama RMSNorm: normalise in fp32, cast back, then scale. In fp32 that
-    is torch's fused op (one kernel instead of six, which matters to eager CPU decode)."""
+    is one op: llmopt's on the CPU in eager mode, else torch's fused one."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if cpu_fast_path(x):
+            return torch.ops.llmopt.rms_norm_cpu(x, weight, eps)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the half-split layout transformers uses; cos/sin are [B, T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split layout transformers uses: ``x * cos + rotate_half(x) * sin``
+    with ``rotate_half(x) = cat(-x2, x1)``, computed as ``x * cos + roll(x, D/2) * signed_sin``
+    where ``signed_sin = cat(-sin1, sin2)`` (the same products and sums, so the same floats, in
+    three ops instead of seven: eager CPU decode pays per op). cos/signed_sin are [B, T, 1, D]."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Projections(nn.Module):
@@ -167,6 +189,7 @@ class DecoderLayer(nn.Module):
         masks: dict[int | None, torch.Tensor],
         cache: KVCache,
         slot_start: int,
+        slots: torch.Tensor,
         positions: torch.Tensor,
         attn_len: int,
     ) -> torch.Tensor:
@@ -182,10 +205,15 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, spec.rms_eps)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if t == 1 and cpu_fast_path(x):  # decode on the CPU: cache write and attention in one op
+            out = torch.ops.llmopt.decode_attention_cpu(
+                q, k, v, cache.keys[self.index], cache.values[self.index], slots, positions,
+                masks[self.window], self.scale,
+            )  # fmt: skip
+            return self._mlp(x + self.o_proj(out))
         # Write into the whole cache tensor at absolute slot indices: writing through a slice view
         # makes torch.compile copy the slice back (gigabytes per step at batch 32).
         k_all, v_all = cache.keys[self.index], cache.values[self.index]
-        slots = torch.arange(slot_start, slot_start + b, device=x.device).unsqueeze(1)
         k_all[slots, :, positions] = k.to(k_all.dtype)  # [B, T, KV, D] into [slots, KV, S, D]
         v_all[slots, :, positions] = v.to(v_all.dtype)
         k_cache, v_cache = cache.layer(self.index, slot_start, b)
@@ -202,8 +230,10 @@ class DecoderLayer(nn.Module):
             scale=self.scale,
         )
         out = out.view(b, spec.n_kv_heads, g, t, spec.head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
-        x = x + self.o_proj(out)
-        h = rms_norm(x, self.mlp_norm, spec.rms_eps)
+        return self._mlp(x + self.o_proj(out))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(x, self.mlp_norm, self.spec.rms_eps)
         gate, up = self.gate_up(h)
         return x + self.down_proj(F.silu(gate) * up)
 
@@ -244,7 +274,9 @@ class DecoderModel(nn.Module):
         freqs = torch.outer(positions, inv_freq.to(self.device))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rope_cos = (emb.cos() * self.attention_scaling).to(self.dtype)
-        self.rope_sin = (emb.sin() * self.attention_scaling).to(self.dtype)
+        sin = emb.sin() * self.attention_scaling
+        half = sin.shape[-1] // 2
+        self.rope_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)  # see rotate()
 
     def masks(self, positions: torch.Tensor, attn_len: int) -> dict[int | None, torch.Tensor]:
         """Additive masks [B, 1, G*T, attn_len] (0 or -inf, in the model's dtype, built once per
@@ -281,8 +313,9 @@ class DecoderModel(nn.Module):
         x = self.embed(tokens)
         rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
         masks = self.masks(positions, attn_len)
+        slots = torch.arange(slot_start, slot_start + x.shape[0], device=x.device).unsqueeze(1)
         for layer in self.layers:
-            x = layer(x, rope, masks, cache, slot_start, positions, attn_len)
+            x = layer(x, rope, masks, cache, slot_start, slots, positions, attn_len)
         if not want_logits:
             return None
         rows = torch.arange(x.shape[0], device=x.device)

@@ -38,7 +38,10 @@ import torch
 from llmopt.quant.kernels import LayerShape, QuantKernel
 
 BLOCK = 16  # output channels per packed block (the kernel's vector width in fp32 lanes)
-SOURCE = Path(__file__).parent / "csrc" / "int8_linear_cpu.cpp"
+SOURCES = (
+    Path(__file__).parent / "csrc" / "int8_linear_cpu.cpp",
+    Path(__file__).parent / "csrc" / "decode_cpu.cpp",  # rms_norm and decode attention for the engine
+)
 LIBRARY_NAME = "int8_linear_cpu"
 DISABLE_ENV = "LLMOPT_CPU_KERNELS"  # "0": never build or use llmopt's CPU kernels
 CXX_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-DNDEBUG", "-Wno-c++20-extensions")
@@ -84,7 +87,7 @@ def _compiler_version(cxx: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else "?"
 
 
-def _build_command(cxx: str, source: Path, target: Path) -> list[str]:
+def _build_command(cxx: str, sources: tuple[Path, ...], target: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
@@ -94,7 +97,7 @@ def _build_command(cxx: str, source: Path, target: Path) -> list[str]:
         *CXX_FLAGS,
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{p}" for p in include_paths()),
-        str(source),
+        *(str(source) for source in sources),
         "-o",
         str(target),
         f"-L{torch_lib}",
@@ -111,7 +114,7 @@ def build_dir() -> Path:
     cxx = _compiler() or "none"
     key = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
+        *(source.read_bytes() for source in SOURCES),
         _compiler_version(cxx).encode(),
         " ".join(CXX_FLAGS).encode(),
         torch.__version__.encode(),
@@ -145,7 +148,7 @@ def build_library(force: bool = False) -> tuple[Path, float]:
             log = folder / "build.log"
             raise BuildError(f"an earlier build failed (log: {log}; delete {folder} to retry)")
         partial = folder / f"{LIBRARY_NAME}.{os.getpid()}.tmp.so"
-        command = _build_command(cxx, SOURCE, partial)
+        command = _build_command(cxx, SOURCES, partial)
         start = time.perf_counter()
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
@@ -196,8 +199,9 @@ def ready() -> bool:
     reason = _load()
     if reason is not None:
         warnings.warn(
-            f"llmopt's CPU int8 kernel is unavailable: {reason}. int8 layers on the CPU use torch's "
-            "slower aten._weight_int8pack_mm instead. To fix: install a C++ compiler "
+            f"llmopt's CPU kernels are unavailable: {reason}. int8 layers on the CPU use torch's "
+            "slower aten._weight_int8pack_mm instead, and eager decode torch's rms_norm and attention. "
+            "To fix: install a C++ compiler "
             "(Debian/Ubuntu: apt-get install g++) and run again.",
             stacklevel=2,
         )
@@ -207,6 +211,12 @@ def ready() -> bool:
 def kernel_isa() -> str:
     """The ISA the loaded kernel dispatches to ('avx512', 'avx2'); 'none' when it is not ready."""
     return ISA_NAMES[int(torch.ops.llmopt.int8_linear_cpu_isa())] if ready() else "none"
+
+
+def decode_ops_available() -> bool:
+    """Whether eager CPU decode can use ``llmopt::rms_norm_cpu`` and ``llmopt::decode_attention_cpu``
+    (csrc/decode_cpu.cpp, AVX2+FMA; built with the int8 kernel, and off with it)."""
+    return os.environ.get(DISABLE_ENV, "1") != "0" and cpu_isa() != "none" and ready()
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
