@@ -98,3 +98,26 @@ def test_rotated_16bit_head_is_written_when_it_was_tied(tmp_path: Path):
     source = logits(load_model("tiny-random", FP32).model)
     quantized = logits(load_model(str(out), FP32).model)
     assert (quantized - source).abs().max() < 0.05 * source.abs().max()
+
+
+def test_rotation_with_rtn_is_refused_when_the_model_would_not_fit(tmp_path: Path, monkeypatch):
+    from llmopt.quant import api
+
+    monkeypatch.setattr(api, "free_memory_bytes", lambda device: 1024)
+    spec = QuantizeSpec(QuantSpec(method="rtn", rotate=True), out=tmp_path / "q", evaluate=False)
+    with pytest.raises(InputError, match="--no-rotate"):
+        quantize_checkpoint("tiny-random", spec)
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_flags_and_report(tmp_path: Path):
+    from tests.conftest import run_cli
+
+    proc = run_cli(
+        "quantize", "tiny-random", "--no-rotate", "--no-eval", "--json", "--out", str(tmp_path / "a")
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["rotated"] is False
+    proc = run_cli("quantize", "tiny-random", "--no-eval", "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    assert "Residual-stream rotation" in proc.stdout and "yes" in proc.stdout

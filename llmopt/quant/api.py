@@ -102,7 +102,7 @@ def quantize_checkpoint(
         )
     plan = plan_quantization(files, spec.quant, spec.trust_remote_code)
     method = choose_method(spec.quant.method, files, plan)
-    rotate: bool | None = choose_rotation(spec.quant, method)
+    rotate: bool | None = choose_rotation(spec.quant, method, files)
     start = time.perf_counter()
     codes: dict[str, Codes] = {}
     replace: dict[str, torch.Tensor] = {}
@@ -171,11 +171,18 @@ def choose_method(requested: str, files: ModelFiles, plan: QuantPlan) -> str:
     return "gptq" if fits and has_tokenizer(files.root) else "rtn"
 
 
-def choose_rotation(quant: QuantSpec, method: str) -> bool | None:
+def choose_rotation(quant: QuantSpec, method: str, files: ModelFiles) -> bool | None:
     """True: rotate (``--rotate``; with round-to-nearest the model is then loaded into memory for
     it). False: don't. None: rotate if the architecture allows — the default for int8 with GPTQ,
     where the model is in memory anyway (smollm2 top-1 agreement 97.8% → 98.6%). Not for int4 by
     default, where it measured no better (BENCHMARKS.md §1)."""
+    if quant.rotate and method == "rtn":
+        needed = 2 * files.weight_bytes
+        if needed >= 0.5 * free_memory_bytes(torch.device("cpu")):
+            raise InputError(
+                f"--rotate loads the model in fp32, about {needed / 1e9:.1f} GB, more than half of the "
+                "free memory here. Use --no-rotate with --method rtn, which streams in bounded memory."
+            )
     if quant.rotate is not None:
         return quant.rotate
     return None if quant.scheme == "int8" and method == "gptq" else False
