@@ -5,6 +5,7 @@ Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py table      # per-kernel table, chosen tiles
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py sweep      # search tile configs per shape
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py orient     # weight as left vs right mma operand
+    PYTHONPATH=. python examples/gpu_lowbit_kernels.py split      # int8 decode: split-K set explicitly
 
 Correctness: random weights quantized with llmopt's own schemes, many shapes (odd sizes, not
 multiples of any block), bf16 and fp16 activations; outputs poisoned with NaN before each run;
@@ -315,6 +316,21 @@ def orient_space(scheme: str, m: int, n: int, k: int) -> list:
     return configs
 
 
+def split_space(scheme: str, m: int, n: int, k: int) -> list:
+    """int8 at decode sizes: split-K set explicitly rather than by the SM rule (narrow layers)."""
+    if scheme != "int8":
+        return []
+    return [tk.TileConfig(16, bn, bk, split, warps, 3)
+            for bn, bk, split, warps in itertools.product((64, 128), (256, 512), (1, 2, 4, 8, 16), (4, 8))
+            if k // bk >= split]  # fmt: skip
+
+
+def part_split() -> dict:
+    copy_bw = copy_bandwidth()
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    return sweep_by("split_k", split_space, copy_bw)
+
+
 def sweep_by(key: str, space, copy_bw: float) -> dict:
     """Time every config of ``space(scheme, m, n, k)`` per row count and shape; print the best per
     value of the config field ``key``."""
@@ -373,6 +389,8 @@ def main() -> None:
         result = part_check()
     elif part == "orient":
         result = part_orient()
+    elif part == "split":
+        result = part_split()
     else:
         result = part_table(sweep=part == "sweep")
     result["device"] = torch.cuda.get_device_name()
