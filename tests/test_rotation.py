@@ -121,3 +121,17 @@ def test_cli_flags_and_report(tmp_path: Path):
     proc = run_cli("quantize", "tiny-random", "--no-eval", "--out", str(tmp_path / "b"))
     assert proc.returncode == 0, proc.stderr
     assert "Residual-stream rotation" in proc.stdout and "yes" in proc.stdout
+
+
+def test_writer_refuses_replacements_that_match_no_stored_tensor(tmp_path: Path):
+    from llmopt.errors import InvalidModelError
+    from llmopt.models import resolve_model
+    from llmopt.quant.checkpoint import plan_quantization, write_quantized_checkpoint
+
+    files = resolve_model("tiny-random")
+    plan = plan_quantization(files, QuantSpec())
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InvalidModelError, match="--no-rotate"):
+        write_quantized_checkpoint(
+            files, plan, tmp_path / "out", {}, replace={"model.renamed.weight": torch.ones(3)}
+        )

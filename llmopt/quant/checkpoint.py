@@ -202,7 +202,13 @@ def write_quantized_checkpoint(
             ).items():
                 writer.add(k, v)
         say("quantizing", done, total)
-    added = list(replace)  # not in the source: a tied head that is now its own tensor
+    added = list(replace)  # not in the source: only a tied head that is now its own tensor may be
+    unexpected = [n for n in added if not (plan.head_tied and n == f"{plan.head_name}.weight")]
+    if unexpected:
+        raise InvalidModelError(
+            f"The model's parameter names do not match its checkpoint's tensor names ({unexpected[0]} "
+            "has no stored tensor), so a rotated model cannot be written over it. Quantize with --no-rotate."
+        )
     for name in added:
         writer.add(name, replace.pop(name).to(embed_dtype))
     writer.finish()
