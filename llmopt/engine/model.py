@@ -122,8 +122,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding in the half-split layout transformers uses: ``x * cos + rotate_half(x) * sin``
     with ``rotate_half(x) = cat(-x2, x1)``, computed as ``x * cos + roll(x, D/2) * signed_sin``
-    where ``signed_sin = cat(-sin1, sin2)`` (the same products and sums, so the same floats, in
-    three ops instead of seven: eager CPU decode pays per op). cos/signed_sin are [B, T, 1, D]."""
+    where ``signed_sin = cat(-sin1, sin2)``: the same arithmetic in three ops instead of seven (eager
+    CPU decode pays per op). cos/signed_sin are [B, T, 1, D]."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
@@ -205,7 +205,8 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, spec.rms_eps)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if t == 1 and cpu_fast_path(x):  # decode on the CPU: cache write and attention in one op
+        if t == 1 and cpu_fast_path(x) and cache.keys[self.index].dtype == torch.float32:
+            # Decode on the CPU: cache write and attention in one op.
             out = torch.ops.llmopt.decode_attention_cpu(
                 q, k, v, cache.keys[self.index], cache.values[self.index], slots, positions,
                 masks[self.window], self.scale,
