@@ -235,7 +235,9 @@ def in_memory_codes(
     codes: dict[str, Codes] = {}
     for i, (name, layer) in enumerate(plan.layers.items(), start=1):
         weight = model.get_submodule(name).weight
-        codes[name] = quantize_weight(weight, layer, hessians.pop(name, None), scale_dtype)
+        q, scale, zero = quantize_weight(weight, layer, hessians.pop(name, None), scale_dtype)
+        # Codes leave the GPU as they are made: only one layer's work is there at a time.
+        codes[name] = (q.cpu(), scale.cpu(), zero.cpu() if zero is not None else None)
         if progress:
             progress("GPTQ" if method == "gptq" else "quantizing", i, len(plan.layers))
     return codes, replace, rotate

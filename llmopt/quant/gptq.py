@@ -138,7 +138,7 @@ def _prepare(
     H[dead, dead] = 1.0
     W[dead] = 0.0
     mean_diag = torch.diag(H).mean()
-    eye = torch.eye(k, dtype=torch.float64)
+    eye = torch.eye(k, dtype=torch.float64, device=H.device)
     for attempt in range(6):
         Hd = H + (damp * (10**attempt)) * mean_diag * eye
         L, info = torch.linalg.cholesky_ex(Hd)
@@ -205,10 +205,11 @@ def gptq_quantize_int8(
     (q int8 (N, K) in [-127, 127], scale (N, 1) in ``scale_dtype``). The scales are those of
     ``quantize_int8`` (absmax / 127), fixed before GPTQ picks the integers. ``act_order`` visits
     columns by decreasing Hessian diagonal (the stored layout is unchanged)."""
+    H = H.to(weight.device)  # GPTQ runs where the weight is (the GPU, when the model is there)
     scale = (weight.detach().float().abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-10).to(scale_dtype)
     s = scale.float().reshape(-1)
     n, k = weight.shape
-    Qt = torch.zeros(k, n, dtype=torch.int8)
+    Qt = torch.zeros(k, n, dtype=torch.int8, device=weight.device)
 
     def quant_col(w: torch.Tensor, j: int) -> torch.Tensor:
         q = torch.round(w / s).clamp_(-127, 127)
@@ -240,9 +241,9 @@ def _int4_group_params(
     with Hg the group's (G, G) block of the Hessian (None: plain squared error)."""
     lo_full = Wg.amin(dim=1).clamp(max=0)
     hi_full = Wg.amax(dim=1).clamp(min=0)
-    best_err = torch.full(lo_full.shape, float("inf"))
-    best_scale = torch.zeros(lo_full.shape, dtype=scale_dtype)
-    best_zp = torch.zeros(lo_full.shape)
+    best_err = torch.full(lo_full.shape, float("inf"), device=Wg.device)
+    best_scale = torch.zeros(lo_full.shape, dtype=scale_dtype, device=Wg.device)
+    best_zp = torch.zeros(lo_full.shape, device=Wg.device)
     for step in range(INT4_SEARCH_STEPS):
         shrink = 1.0 - 0.45 * step / max(INT4_SEARCH_STEPS - 1, 1)
         scale, zp = int4_params(lo_full * shrink, hi_full * shrink, scale_dtype)
@@ -297,11 +298,13 @@ def gptq_quantize_int4(
         raise ValueError(f"Block size {block_size} and group size {group_size} must divide one another.")
     block_size = max(block_size, group_size)
     n_groups = k // group_size
-    Qt = torch.zeros(k, n, dtype=torch.int8)
-    scales = torch.zeros(n, n_groups, dtype=scale_dtype)
-    zps = torch.zeros(n, n_groups, dtype=torch.int8)
-    scales_f = torch.zeros(n, n_groups)
-    zps_f = torch.zeros(n, n_groups)
+    H = H.to(weight.device)  # GPTQ runs where the weight is (the GPU, when the model is there)
+    dev = weight.device
+    Qt = torch.zeros(k, n, dtype=torch.int8, device=dev)
+    scales = torch.zeros(n, n_groups, dtype=scale_dtype, device=dev)
+    zps = torch.zeros(n, n_groups, dtype=torch.int8, device=dev)
+    scales_f = torch.zeros(n, n_groups, device=dev)
+    zps_f = torch.zeros(n, n_groups, device=dev)
 
     def quant_col(w: torch.Tensor, j: int) -> torch.Tensor:
         g = j // group_size

@@ -121,7 +121,7 @@ def rotate_residual_(model: Any, seed: int = DEFAULT_SEED) -> torch.Tensor:
     into it, so it no longer equals the embeddings)."""
     blocks, final_norm, embed, head = _blocks(model)
     dim = embed.weight.shape[1]
-    Q = random_orthogonal(dim, seed)
+    Q = random_orthogonal(dim, seed).to(embed.weight.device)  # drawn on the CPU: the same Q anywhere
 
     def turn_in(linear: nn.Linear, norm: nn.Module) -> None:
         gamma: torch.Tensor = norm.weight  # type: ignore[assignment]
