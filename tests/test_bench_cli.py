@@ -157,3 +157,18 @@ def test_random_shape_compare_quantizes_in_memory(tmp_path: Path, monkeypatch):
     assert not list(Path(os.environ["LLMOPT_CACHE_DIR"]).glob("**/tiny-shape*"))  # nothing written
     quantize = runner.invoke(app, ["quantize", "tiny-shape", "--no-eval"])
     assert quantize.exit_code == 2 and "only in memory" in quantize.stderr
+
+
+def test_checkpoint_preparation_runs_in_a_child_and_keeps_error_classes(tmp_path: Path):
+    """What bench --compare has to make (a quantized checkpoint) is made in a spawned process, so its
+    freed memory never counts in the peak RSS measured afterwards; a child's llmopt error comes back
+    as the same class, so the CLI's exit codes hold."""
+    from llmopt.bench import compare
+    from llmopt.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        compare._make_in_child("no-such-model", "int8")
+    assert compare._needs_making("tiny-random", "int4")
+    path = compare.cached_quantized("tiny-random", "int4")
+    assert not compare._needs_making("tiny-random", "int4")
+    assert compare.cached_quantized("tiny-random", "int4") == path

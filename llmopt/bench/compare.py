@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -9,10 +11,12 @@ from typing import Any
 
 from filelock import FileLock
 
+from llmopt import errors as llmopt_errors
 from llmopt.bench.hardware import environment, measure_copy_bandwidth_gb_s
 from llmopt.bench.memory import memory_label
 from llmopt.bench.offline import BenchSpec, Candidate, CandidateResult, bench_candidate
 from llmopt.device import resolve_device
+from llmopt.errors import LLMOptError
 from llmopt.models import BUILTIN_MODELS, LoadSpec, cache_dir, load_model, resolve_model
 from llmopt.models.builtin import RANDOM_SHAPES
 from llmopt.models.files import hash_model
@@ -59,20 +63,76 @@ def compare_summaries(
 
 def cached_quantized(model: str, scheme: str = "int8", progress: Progress | None = None) -> str:
     """The path of ``model`` quantized with ``scheme``, made once into the cache (keyed by source hash
-    and by the default recipe's version, so a changed recipe makes a new checkpoint)."""
-    from llmopt.quant.api import RECIPE_VERSION, QuantizeSpec, quantize_checkpoint
+    and by the default recipe's version, so a changed recipe makes a new checkpoint).
+
+    When something has to be made (a built-in model converted, the checkpoint quantized and
+    evaluated), that runs in a fresh child process: a gigabyte of freed calibration and GPTQ memory
+    left in this process's heap would distort the peak-RSS figures measured here afterwards."""
+    if _needs_making(model, scheme):
+        _make_in_child(model, scheme)
+    return _cached_quantized(model, scheme, progress)
+
+
+def _quantized_path(model: str, scheme: str, files: Any) -> Path:
+    from llmopt.quant.api import RECIPE_VERSION
+
+    label = model if model in BUILTIN_MODELS else files.root.name
+    return cache_dir() / "quantized" / f"{label}-{scheme}-r{RECIPE_VERSION}-{hash_model(files)[:12]}"
+
+
+def _needs_making(model: str, scheme: str) -> bool:
+    from llmopt.models.builtin import builtin_ready
+
+    if model in BUILTIN_MODELS and not builtin_ready(model):
+        return True
+    return not (_quantized_path(model, scheme, resolve_model(model)) / "config.json").is_file()
+
+
+def _cached_quantized(model: str, scheme: str, progress: Progress | None = None) -> str:
+    from llmopt.quant.api import QuantizeSpec, quantize_checkpoint
     from llmopt.quant.schemes import QuantSpec
 
     files = resolve_model(model, progress=(lambda m: progress(m, 0, 0)) if progress else None)
-    label = model if model in BUILTIN_MODELS else files.root.name
-    root = cache_dir() / "quantized"
-    root.mkdir(parents=True, exist_ok=True)
-    out = root / f"{label}-{scheme}-r{RECIPE_VERSION}-{hash_model(files)[:12]}"
-    with FileLock(str(root / f"{out.name}.lock")):
+    out = _quantized_path(model, scheme, files)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f"{out.name}.lock")):
         if not (out / "config.json").is_file():
             spec = QuantizeSpec(QuantSpec(scheme), out=out, force=True, evaluate=has_tokenizer(files.root))
             quantize_checkpoint(model, spec, progress)
     return str(out)
+
+
+def _child_progress(stage: str, done: int, total: int) -> None:
+    if total == 0 or done in (1, total):
+        print(f"  {stage}" + (f" {done}/{total}" if total else ""), file=sys.stderr, flush=True)
+
+
+def _make_child(model: str, scheme: str, errors: Any) -> None:
+    try:
+        print(f"preparing {model} ({scheme}) in a child process", file=sys.stderr, flush=True)
+        _cached_quantized(model, scheme, _child_progress)
+    except LLMOptError as exc:
+        errors.put((type(exc).__name__, str(exc)))
+        raise SystemExit(1) from None
+
+
+def _make_in_child(model: str, scheme: str) -> None:
+    """Run ``_cached_quantized`` in a spawned process; its llmopt errors are raised here as the same
+    class (so the CLI's exit codes hold), anything else as a RuntimeError."""
+    context = multiprocessing.get_context("spawn")
+    errors = context.Queue()
+    child = context.Process(target=_make_child, args=(model, scheme, errors))
+    child.start()
+    child.join()
+    if child.exitcode == 0:
+        return
+    if not errors.empty():
+        name, message = errors.get()
+        cls = getattr(llmopt_errors, name, LLMOptError)
+        raise cls(message)
+    raise RuntimeError(
+        f"Preparing {model} ({scheme}) failed in its child process (exit {child.exitcode}); see above."
+    )
 
 
 def measure_quality(before: Candidate, after: Candidate, progress: Progress | None = None) -> dict[str, Any]:

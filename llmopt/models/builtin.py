@@ -148,6 +148,11 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+def builtin_ready(name: str) -> bool:
+    """Whether the built-in model's cache folder exists and is current (no build needed)."""
+    return _is_current(cache_dir() / "models" / name, BUILTIN_MODELS[name].source_version())
+
+
 def materialize_builtin(name: str, progress: Progress | None = None) -> Path:
     """Return the cache folder of a built-in model, building it first if absent or stale."""
     spec = BUILTIN_MODELS[name]
