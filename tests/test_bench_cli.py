@@ -168,7 +168,14 @@ def test_checkpoint_preparation_runs_in_a_child_and_keeps_error_classes(tmp_path
 
     with pytest.raises(ModelNotFoundError, match="no-such-model"):
         compare._make_in_child("no-such-model", "int8")
+    import shutil
+
+    from llmopt.models import resolve_model
+
+    made = compare._quantized_path("tiny-random", "int4", resolve_model("tiny-random"))
+    shutil.rmtree(made, ignore_errors=True)  # the session's cache may hold it from an earlier test
     assert compare._needs_making("tiny-random", "int4")
     path = compare.cached_quantized("tiny-random", "int4")
+    assert path == str(made)
     assert not compare._needs_making("tiny-random", "int4")
     assert compare.cached_quantized("tiny-random", "int4") == path

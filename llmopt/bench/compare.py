@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -123,11 +124,19 @@ def _make_in_child(model: str, scheme: str) -> None:
     errors = context.Queue()
     child = context.Process(target=_make_child, args=(model, scheme, errors))
     child.start()
-    child.join()
+    try:
+        child.join()
+    except BaseException:  # Ctrl-C here: stop the child too (its output is written atomically)
+        child.terminate()
+        child.join()
+        raise
     if child.exitcode == 0:
         return
-    if not errors.empty():
-        name, message = errors.get()
+    try:
+        name, message = errors.get(timeout=5)
+    except queue.Empty:
+        pass
+    else:
         cls = getattr(llmopt_errors, name, LLMOptError)
         raise cls(message)
     raise RuntimeError(
