@@ -31,6 +31,7 @@ import sys
 import traceback
 
 import torch
+from gpu_lowbit_kernels import capture  # examples/ is on sys.path when this script runs
 from torch import nn
 
 from llmopt.errors import UnsupportedError
@@ -242,15 +243,12 @@ def check_cuda_graph(device, results):
             w = torch.randn(n, k, device=device) * 0.02
             layer, _, _ = build(scheme, w, group, device)
             static_x = torch.randn(m, k, device=device).to(DTYPE)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    layer(static_x)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_y = layer(static_x)
+            captured: list[torch.Tensor] = []
+            graph = capture(
+                lambda f=layer, x=static_x, c=captured: c.append(f(x)),
+                warmup=lambda f=layer, x=static_x: [f(x) for _ in range(3)],
+            )
+            static_y = captured[0]
             new_x = torch.randn(m, k, device=device).to(DTYPE)
             static_x.copy_(new_x)
             graph.replay()
@@ -315,15 +313,7 @@ def timing(device, results):
             # the same, replayed from a CUDA graph (no Python/launch overhead)
             graph_ms = None
             try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    run()
-                torch.cuda.current_stream().wait_stream(side)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    for _ in range(5):
-                        run()
+                g = capture(lambda run=run: [run() for _ in range(5)], warmup=run)
                 graph_ms = _time(g.replay) / (5 * copies)
             except Exception as e:
                 print(f"[timing] graph failed for {name}: {e}", flush=True)
