@@ -174,8 +174,8 @@ def test_checkpoint_preparation_runs_in_a_child_and_keeps_error_classes(tmp_path
 
     made = compare._quantized_path("tiny-random", "int4", resolve_model("tiny-random"))
     shutil.rmtree(made, ignore_errors=True)  # the session's cache may hold it from an earlier test
-    assert compare._needs_making("tiny-random", "int4")
+    assert not (made / "config.json").is_file()
     path = compare.cached_quantized("tiny-random", "int4")
     assert path == str(made)
-    assert not compare._needs_making("tiny-random", "int4")
+    assert (made / "config.json").is_file()
     assert compare.cached_quantized("tiny-random", "int4") == path

@@ -69,9 +69,15 @@ def cached_quantized(model: str, scheme: str = "int8", progress: Progress | None
     When something has to be made (a built-in model converted, the checkpoint quantized and
     evaluated), that runs in a fresh child process: a gigabyte of freed calibration and GPTQ memory
     left in this process's heap would distort the peak-RSS figures measured here afterwards."""
-    if _needs_making(model, scheme):
+    from llmopt.models.builtin import builtin_ready
+
+    if model in BUILTIN_MODELS and not builtin_ready(model):
+        _make_in_child(model, scheme)  # converts the model, then makes the checkpoint
+    files = resolve_model(model, progress=(lambda m: progress(m, 0, 0)) if progress else None)
+    out = _quantized_path(model, scheme, files)
+    if not (out / "config.json").is_file():
         _make_in_child(model, scheme)
-    return _cached_quantized(model, scheme, progress)
+    return str(out)
 
 
 def _quantized_path(model: str, scheme: str, files: Any) -> Path:
@@ -79,14 +85,6 @@ def _quantized_path(model: str, scheme: str, files: Any) -> Path:
 
     label = model if model in BUILTIN_MODELS else files.root.name
     return cache_dir() / "quantized" / f"{label}-{scheme}-r{RECIPE_VERSION}-{hash_model(files)[:12]}"
-
-
-def _needs_making(model: str, scheme: str) -> bool:
-    from llmopt.models.builtin import builtin_ready
-
-    if model in BUILTIN_MODELS and not builtin_ready(model):
-        return True
-    return not (_quantized_path(model, scheme, resolve_model(model)) / "config.json").is_file()
 
 
 def _cached_quantized(model: str, scheme: str, progress: Progress | None = None) -> str:

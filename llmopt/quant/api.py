@@ -152,13 +152,18 @@ CALIBRATION_TOKENS = 8192
 CALIBRATION_WINDOW = 512
 
 
+def _fits_in_memory(needed: int) -> bool:
+    """The in-memory paths (GPTQ, rotation) run only where they take under half the free memory."""
+    return needed < 0.5 * free_memory_bytes(torch.device("cpu"))
+
+
 def choose_method(requested: str, files: ModelFiles, plan: QuantPlan) -> str:
     """GPTQ needs the model in memory (fp32) for calibration, one (K, K) Hessian per linear, and a
     tokenizer; round-to-nearest streams one tensor at a time. ``auto`` takes GPTQ when it can."""
     if requested == "rtn":
         return "rtn"
     needed = 2 * files.weight_bytes + sum(4 * k * k for k in plan.in_features.values())
-    fits = needed < 0.5 * free_memory_bytes(torch.device("cpu"))
+    fits = _fits_in_memory(needed)
     if requested == "gptq":
         if not has_tokenizer(files.root):
             raise InputError("GPTQ calibrates on text, and this model has no tokenizer. Use --method rtn.")
@@ -178,7 +183,7 @@ def choose_rotation(quant: QuantSpec, method: str, files: ModelFiles) -> bool | 
     default, where it measured no better (BENCHMARKS.md §1)."""
     if quant.rotate and method == "rtn":
         needed = 2 * files.weight_bytes
-        if needed >= 0.5 * free_memory_bytes(torch.device("cpu")):
+        if not _fits_in_memory(needed):
             raise InputError(
                 f"--rotate loads the model in fp32, about {needed / 1e9:.1f} GB, more than half of the "
                 "free memory here. Use --no-rotate with --method rtn, which streams in bounded memory."

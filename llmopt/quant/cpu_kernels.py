@@ -216,7 +216,7 @@ def kernel_isa() -> str:
 def decode_ops_available() -> bool:
     """Whether eager CPU decode can use ``llmopt::rms_norm_cpu`` and ``llmopt::decode_attention_cpu``
     (csrc/decode_cpu.cpp, AVX2+FMA; built with the int8 kernel, and off with it)."""
-    return os.environ.get(DISABLE_ENV, "1") != "0" and cpu_isa() != "none" and ready()
+    return _enabled() and ready()
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
@@ -292,6 +292,9 @@ class CpuInt8Kernel(QuantKernel):
 def available() -> list[QuantKernel]:
     """The CPU kernel on x86-64 machines with AVX2 or AVX-512 (it is built when a CPU int8 layer
     first asks for it, so GPU-only runs never compile it). ``LLMOPT_CPU_KERNELS=0`` turns it off."""
-    if os.environ.get(DISABLE_ENV, "1") == "0" or cpu_isa() == "none":
-        return []
-    return [CpuInt8Kernel()]
+    return [CpuInt8Kernel()] if _enabled() else []
+
+
+def _enabled() -> bool:
+    """Not turned off (``LLMOPT_CPU_KERNELS=0``) and a CPU the library can run on."""
+    return os.environ.get(DISABLE_ENV, "1") != "0" and cpu_isa() != "none"
