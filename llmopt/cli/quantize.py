@@ -22,6 +22,12 @@ from llmopt.cli.common import (
     progress_reporter,
 )
 
+METHOD_LABELS = {
+    "gptq": "GPTQ (calibrated)",
+    "learned": "learned rounding (calibrated)",
+    "rtn": "round-to-nearest",
+}
+
 
 @handle_errors
 def quantize(
@@ -34,7 +40,9 @@ def quantize(
     method: Annotated[
         str,
         typer.Option(
-            help="gptq (calibrated), rtn (round-to-nearest, bounded memory), auto: gptq if it fits."
+            help="gptq (calibrated), learned (rounding learned per block: best int4, minutes on a GPU, "
+            "hours on a small CPU), rtn (round-to-nearest, bounded memory); auto: learned for int4 "
+            "on a GPU, else gptq, if it fits."
         ),
     ] = "auto",
     keep_head: Annotated[bool, typer.Option("--keep-head", help="Leave lm_head in 16-bit.")] = False,
@@ -87,7 +95,7 @@ def quantize(
     table.add_column("Value", justify="right")
     group = f", group {result.group_size}" if result.group_size else ", per channel"
     table.add_row("Scheme", f"{result.scheme}{group}, head {result.head}")
-    table.add_row("Method", "GPTQ (calibrated)" if result.method == "gptq" else "round-to-nearest")
+    table.add_row("Method", METHOD_LABELS[result.method])
     table.add_row("Residual-stream rotation", "yes" if result.rotated else "no")
     table.add_row("Size before", human_bytes(result.bytes_before))
     table.add_row("Size after", human_bytes(result.bytes_after))

@@ -22,7 +22,7 @@ from llmopt.errors import UnsupportedError
 
 Scheme = Literal["int8", "int4"]
 SCHEMES: tuple[str, ...] = ("int8", "int4")
-METHODS: tuple[str, ...] = ("auto", "gptq", "rtn")
+METHODS: tuple[str, ...] = ("auto", "gptq", "learned", "rtn")
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)  # what the int4 kernels accept
 DEFAULT_GROUP_PREFERENCE: tuple[int, ...] = (128, 64, 32)
 INT4_SEARCH_STEPS = 24  # candidate ranges per group, from the full range down to 55% of it
@@ -35,7 +35,9 @@ class QuantSpec:
     scheme: str = "int8"
     group_size: int | None = None  # int4 only
     keep_head: bool = False  # leave lm_head in 16-bit
-    method: str = "auto"  # "gptq" (calibrated), "rtn" (round-to-nearest, streams), "auto": gptq if it fits
+    # "gptq" (calibrated), "learned" (rounding learned per block, quant/learned.py), "rtn"
+    # (round-to-nearest, streams); "auto": learned for int4 on a GPU, else gptq, when they fit
+    method: str = "auto"
     rotate: bool | None = None  # residual-stream rotation (quant/rotation.py); None: on for int8 with GPTQ
 
     def __post_init__(self) -> None:
