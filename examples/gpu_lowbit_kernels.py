@@ -3,6 +3,7 @@
 Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py check      # correctness + CUDA graph capture
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py table      # per-kernel table, chosen tiles
+                                                                  # (W8A8_SWEEP=1: also sweep W8A8 tiles)
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py sweep      # search tile configs per shape
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py orient     # weight as left vs right mma operand
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py split      # int8 decode: split-K set explicitly
@@ -74,6 +75,14 @@ def make_layer(scheme: str, n: int, k: int, dtype: torch.dtype, seed: int = 0):
     return q, s, zp, deq.view(n, k).float()
 
 
+def rows_reference(x: torch.Tensor) -> torch.Tensor:
+    """x with each row rounded to int8 as the W8A8 path does (absmax / 127, half away from 0), float64."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1) / 127.0).clamp(min=1e-30)
+    v = xf / scale[:, None]
+    return (torch.sign(v) * torch.floor(v.abs() + 0.5)).double() * scale.double()[:, None]
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(y).all():
         return float("inf")
@@ -107,15 +116,24 @@ def part_check() -> dict:
             kernel = tk.TritonInt8Kernel() if scheme == "int8" else tk.TritonInt4Kernel()
             buffers = kernel.prepare(q, s, zp, shape, DEV, dtype)
             x = torch.randn(m, k, device=DEV, dtype=dtype)
-            ref = x.double() @ deq.double().T
+            w8a8 = scheme == "int8" and m >= tk.W8A8_MIN_ROWS and tk.int8_activations_enabled()
+            ref = (rows_reference(x) if w8a8 else x.double()) @ deq.double().T
             out = torch.full((m, n), float("nan"), device=DEV, dtype=dtype)
             if scheme == "int8":
                 tk.int8_matmul(x, buffers["weight_int8"], buffers["scales"], out=out)
             else:
                 tk.int4_matmul(x, buffers["weight_int4"], buffers["scales"], buffers["zeros"], group, out=out)
             err = rel_err(out, ref)
-            rows.append({"scheme": scheme, "m": m, "n": n, "k": k, "dtype": str(dtype), "rel_err": err,
-                         "ok": err < 1e-2})  # fmt: skip
+            row = {"scheme": scheme, "m": m, "n": n, "k": k, "dtype": str(dtype), "rel_err": err,
+                   "ok": err < 1e-2}  # fmt: skip
+            if w8a8:  # what the activations' int8 rounding adds, against weight-only
+                row["w8a8"] = True
+                row["rel_err_vs_weight_only"] = rel_err(out, x.double() @ deq.double().T)
+                xq, xs = tk.quantize_rows(x)
+                ref_q = rows_reference(x)
+                row["rows_exact"] = bool(torch.equal(xq.double() * xs.double()[:, None], ref_q))
+                row["ok"] = row["ok"] and row["rows_exact"]
+            rows.append(row)
     # CUDA graph capture of the custom op, as the engine does it (compiled).
     q, s, zp, deq = make_layer("int8", 4096, 4096, torch.bfloat16)
     x = torch.randn(2, 4096, device=DEV, dtype=torch.bfloat16)
@@ -219,7 +237,24 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_bw: float, configs=None)
                 sec = time_graph(lambda i, a=aten, b=abufs, sh=shape: a.matmul(x, b[i], sh), acopies)
                 record(f"aten {scheme}", sec, abytes)
                 del abufs
-    if m > 16:  # int8 tensor cores: activations quantized per row on the fly (W8A8), cuBLAS int8
+    if m > 16:  # llmopt's W8A8 kernel (activations quantized per row, int8 tensor cores), fused
+        q, s, zp, _ = make_layer("int8", n, k, torch.bfloat16)
+        scales = s.reshape(-1).contiguous()
+        qs = [q.clone() for _ in range(max(2, math.ceil(256e6 / (n * k))))]
+        nbytes = n * k + 2 * n + io
+        chosen = tk.choose_w8a8_config(m, n, k, tk._sm_count(0))
+        sec = time_graph(lambda i: tk.w8a8_matmul(x, qs[i], scales, out=out), len(qs))
+        record("llmopt w8a8", sec, nbytes, chosen)
+        for cfg in (configs or {}).get("w8a8", []):
+            try:
+                sec = time_graph(lambda i, c=cfg: tk.w8a8_matmul(x, qs[i], scales, out=out, config=c),
+                                 len(qs), reps=3)  # fmt: skip
+            except Exception as exc:
+                print(f"skip {cfg}: {type(exc).__name__}")
+                continue
+            record("sweep w8a8", sec, nbytes, cfg)
+        del qs
+    if m > 16:  # int8 tensor cores through torch: activations quantized by torch ops, cuBLAS int8
         q, s, zp, _ = make_layer("int8", n, k, torch.bfloat16)
         qs = [q.clone() for _ in range(max(2, math.ceil(256e6 / (n * k))))]
         sw = s.reshape(1, -1).float()
@@ -230,7 +265,7 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_bw: float, configs=None)
             acc = torch._int_mm(xq, qs[i].T)
             out.copy_(acc.float() * sx * sw)
 
-        record("w8a8 int8", time_graph(w8a8, len(qs)), n * k + 2 * n + io)
+        record("w8a8 torch-int-mm", time_graph(w8a8, len(qs)), n * k + 2 * n + io)
     return rows
 
 
@@ -249,6 +284,17 @@ def sweep_configs(m: int) -> dict:
             for block_m in bms:
                 out[scheme].append(tk.TileConfig(block_m, bn, bk, split, warps, stages))
     return out
+
+
+def w8a8_configs(m: int, n: int, k: int) -> list[tk.TileConfig]:
+    """The W8A8 kernel's tile space (split-K by choose_config's rule)."""
+    configs = []
+    for block_m, block_n, block_k, warps, stages in itertools.product(
+        sorted({64, min(128, max(64, 1 << (m - 1).bit_length()))}), (128, 256), (128, 256), (4, 8), (3, 4)
+    ):
+        split = tk._split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), tk._sm_count(0))
+        configs.append(tk.TileConfig(block_m, block_n, block_k, split, warps, stages))
+    return configs
 
 
 def with_split(scheme: str, m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
@@ -366,7 +412,10 @@ def part_table(sweep: bool) -> dict:
     for m in ms:
         for name in shapes:
             n, k = LLAMA_SHAPES[name]
-            rows += bench_shape(name, n, k, m, copy_bw, sweep_configs(m) if sweep else None)
+            configs = sweep_configs(m) if sweep else None
+            if os.environ.get("W8A8_SWEEP") == "1" and m > 16:
+                configs = {"w8a8": w8a8_configs(m, n, k)}
+            rows += bench_shape(name, n, k, m, copy_bw, configs)
             best = {}
             for r in rows:
                 if r["m"] == m and r["shape"] == name:

@@ -82,6 +82,55 @@ def test_int8_split_k_sums_every_slice_once(split_k: int, weight_left: bool) -> 
     assert rel_err(out, x.double() @ w.T) < REL_TOL
 
 
+def rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 as the kernel defines it: scale = absmax / 127 (fp32), round half away from 0."""
+    scale = (x.abs().amax(dim=1) / 127.0).clamp(min=1e-30)
+    v = x / scale[:, None]
+    return (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8), scale
+
+
+def test_row_quantizer_is_exact() -> None:
+    """Odd K, K over one step (1,024 inputs), a row of zeros, a row with one large outlier."""
+    x = torch.randn(5, 2500, generator=torch.Generator().manual_seed(7))
+    x[2] = 0.0
+    x[3, 17] = 300.0
+    q, scale = tk.quantize_rows(x)
+    ref_q, ref_scale = rows_reference(x)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+    assert q.abs().max() == 127 and not q[2].any()
+
+
+# From W8A8_MIN_ROWS rows on, int8 layers quantize their activations per row and run int8 x int8.
+@pytest.mark.parametrize(("m", "n", "k"), [(65, 33, 577), (70, 100, 300), (130, 64, 1000)])
+def test_w8a8_from_many_rows_matches_its_reference(m: int, n: int, k: int) -> None:
+    assert m >= tk.W8A8_MIN_ROWS
+    q, scale, w = int8_layer(n, k, seed=m + n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    out = tk.int8_matmul(x, q, scale, out=poisoned(m, n))
+    xq, xs = rows_reference(x)
+    assert rel_err(out, (xq.double() * xs.double()[:, None]) @ w.T) < REL_TOL
+    # Against weight-only: the activations' rounding alone, ~0.7% on Gaussian rows.
+    assert rel_err(out, x.double() @ w.T) < 2e-2
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_w8a8_split_k_sums_every_slice_once(split_k: int) -> None:
+    m, n, k = 70, 45, 700
+    q, scale, w = int8_layer(n, k, seed=1)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
+    cfg = tk.TileConfig(block_m=64, block_n=32, block_k=64, split_k=split_k, num_warps=4, num_stages=2)
+    out = tk.w8a8_matmul(x, q, scale, out=poisoned(m, n), config=cfg)
+    xq, xs = rows_reference(x)
+    assert rel_err(out, (xq.double() * xs.double()[:, None]) @ w.T) < REL_TOL
+
+
+def test_int8_activations_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMOPT_INT8_ACTIVATIONS", "0")
+    q, scale, w = int8_layer(33, 300, seed=5)
+    x = torch.randn(80, 300, generator=torch.Generator().manual_seed(5))
+    assert rel_err(tk.int8_matmul(x, q, scale, out=poisoned(80, 33)), x.double() @ w.T) < REL_TOL
+
+
 @pytest.mark.parametrize(("m", "n", "k", "group"), [
     (1, 33, 576, 64), (2, 64, 256, 32), (5, 100, 384, 128), (17, 48, 512, 256), (33, 20, 1024, 128),
 ])  # fmt: skip

@@ -165,8 +165,8 @@ def choose_method(requested: str, files: ModelFiles, plan: QuantPlan) -> str:
     """GPTQ and learned rounding need the model in memory (fp32) and a tokenizer for their
     calibration text (GPTQ also one (K, K) Hessian per linear, learned rounding three copies of
     the calibration activations); round-to-nearest streams one tensor at a time. ``auto`` takes
-    learned rounding for int4 on a GPU (smollm2 int4 g64: +3.0% perplexity against GPTQ's +5.8%,
-    in about a minute there, but hours on a small CPU), else GPTQ, else round-to-nearest."""
+    learned rounding for int4 on a GPU (smollm2 int4 g64: +3.5% perplexity against GPTQ's +5.8%,
+    87 s on an H200, but an estimated 1.5 hours on a 2-core CPU), else GPTQ, else round-to-nearest."""
     if requested == "rtn":
         return "rtn"
     hidden = int(files.config.get("hidden_size") or 0)
@@ -252,7 +252,7 @@ def in_memory_codes(
         text = (resources.files("llmopt") / "data" / "persuasion_calib_long.txt").read_text(encoding="utf-8")
         windows = calibration_windows(loaded.tokenizer, text, LEARN_CALIBRATION_TOKENS, CALIBRATION_WINDOW)
         if progress and loaded.device.type == "cpu":
-            progress("learning rounding on the CPU (hours for a 100M+ model; a GPU takes minutes)", 0, 0)
+            progress("learning rounding on the CPU: slow (~1.5 h for 135M on 2 cores)", 0, 0)
         learned, _losses = learn_codes(model, plan.layers, windows, scale_dtype, progress=progress)
         return learned, replace, rotate
     hessians: dict[str, torch.Tensor] = {}

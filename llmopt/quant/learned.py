@@ -18,9 +18,9 @@ calibration windows. Should a block's final loss over all windows not beat round
 block keeps round-to-nearest (full range). Layers outside the decoder blocks (the output head) get
 GPTQ with Hessians from the quantized model's final hidden states.
 
-On smollm2-135m, int4 group 64 (BENCHMARKS.md §1): perplexity +3.0% against GPTQ's +5.8%, with 200
-steps of 8 windows of 512 tokens on 32,768 calibration tokens: about a minute on an H200, but
-hours on a 2-core CPU (each step is a forward and backward pass of a block over 4,096 tokens).
+On smollm2-135m, int4 group 64 (BENCHMARKS.md §1): perplexity +3.5% against GPTQ's +5.8%, with 200
+steps of 8 windows of 512 tokens on 32,768 calibration tokens: 87 s on an H200, but an estimated
+1.5 hours on a 2-core CPU (each step is a forward and backward pass of a block over 4,096 tokens).
 """
 
 from __future__ import annotations

@@ -223,6 +223,56 @@ if triton is not None:
         tl.store(dst + HALF, (((packed >> 4) - zero).to(tl.float32) * scale).to(ty), mask=n_ok[:, None])
 
     @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+        # One row per program: absmax over the row, then int8 = round-half-away(x * 127 / absmax).
+        row = tl.program_id(0)
+        rk = tl.arange(0, BLOCK_K)
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, axis=0) / 127.0, 1e-30)
+        for k0 in range(0, K, BLOCK_K):
+            ok = k0 + rk < K
+            v = tl.load(x_ptr + row * stride_xm + k0 + rk, mask=ok, other=0.0).to(tl.float32) / scale
+            q = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)  # |v| <= 127: no clamp needed
+            tl.store(q_ptr + row * stride_qm + k0 + rk, q.to(tl.int8), mask=ok)
+        tl.store(s_ptr + row, scale)
+
+    @triton.jit
+    def _w8a8_mm_kernel(
+        xq_ptr, xs_ptr, w_ptr, scale_ptr, out_ptr,
+        M, N, K, k_per_split,
+        stride_xm, stride_wn, stride_om, stride_os,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    ):  # fmt: skip
+        # int8 x int8 on the int8 tensor cores, exact int32 sums; the row scale (per token) and the
+        # column scale (per output channel) are applied to the sum.
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        k_start = pid_k * k_per_split
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for step in range(0, k_per_split, BLOCK_K):
+            kk = k_start + step + rk
+            k_ok = kk < K
+            x = tl.load(
+                xq_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0
+            )
+            w = tl.load(
+                w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0
+            )
+            acc += tl.dot(x, w, out_dtype=tl.int32)
+        row_scale = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+        _store_tile(acc.to(tl.float32) * row_scale[:, None], out_ptr, scale_ptr, rm, rn, m_ok, n_ok, pid_k,
+                    stride_om, stride_os, SPLIT, True, False)  # fmt: skip
+
+    @triton.jit
     def _split_k_sum_kernel(
         part_ptr,
         scale_ptr,
@@ -293,12 +343,37 @@ def choose_config(scheme: str, m: int, n: int, k: int, group: int | None, sms: i
     if scheme == "int4" and group is not None:
         block_k = max(block_k // group, 1) * group
     block_k = min(block_k, _pow2_at_least(k, group or 32))
-    tiles = -(-n // block_n) * -(-m // block_m)
-    steps = -(-k // block_k)
+    split_k = _split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), sms)
+    return TileConfig(block_m, block_n, block_k, split_k, num_warps, num_stages, left)
+
+
+def _split_to_fill(tiles: int, steps: int, sms: int) -> int:
+    """How many ways to split K so that tiles x splits fills the SMs (powers of 2, at most 16)."""
     split_k = 1
     while tiles * split_k < 0.9 * sms and split_k * 2 <= steps and split_k < 16:
         split_k *= 2
-    return TileConfig(block_m, block_n, block_k, split_k, num_warps, num_stages, left)
+    return split_k
+
+
+# From this many rows on, int8 layers also quantize their activations, per row (token), to int8 and
+# run on the int8 tensor cores (W8A8: twice bf16's peak rate, and no dequantization in the loop).
+# There the matmul is compute-bound and dequantizing the weight in the tile made int8 slower than
+# bf16 cuBLAS (0.93x at batch 128, BENCHMARKS.md §5). Below it, decode stays weight-only (W8A16),
+# bound by reading the weight. LLMOPT_INT8_ACTIVATIONS=0 keeps weight-only at every row count.
+W8A8_MIN_ROWS = 65
+
+
+def int8_activations_enabled() -> bool:
+    return os.environ.get("LLMOPT_INT8_ACTIVATIONS", "1") != "0"
+
+
+def choose_w8a8_config(m: int, n: int, k: int, sms: int) -> TileConfig:
+    """Tiles for the W8A8 kernel: 128x128 (64x128 for up to 64 rows), 128 inputs per step, K
+    split while there are fewer tiles than SMs."""
+    block_m, num_warps = (64, 4) if m <= 64 else (128, 8)
+    block_n, block_k = 128, min(128, _pow2_at_least(k, 32))
+    split_k = _split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), sms)
+    return TileConfig(block_m, block_n, block_k, split_k, num_warps, 4)
 
 
 def _dot_dtype(x: torch.Tensor) -> Any:
@@ -339,6 +414,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
     out = _prepare_out(x, n, out)
     if m == 0:
         return out
+    if config is None and m >= W8A8_MIN_ROWS and int8_activations_enabled():
+        return w8a8_matmul(x, q, scale, out=out)
     if _use_dequant(m, config):  # one elementwise pass: int8 * scale → x's dtype
         return torch.mm(x, (q * scale.to(x.dtype)[:, None]).T, out=out)
     cfg = config or choose_config("int8", m, n, k, None, _sm_count(x.device.index or 0))
@@ -352,6 +429,44 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if split > 1:  # the per-channel scale is applied once, after the sum
+        _finish_split(target, scale, out)
+    return out
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q (M, K) int8, scale (M,) float32) with ``x ≈ q * scale[:, None]``,
+    scale = absmax / 127, rounding half away from zero."""
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    scale = torch.empty((m,), device=x.device, dtype=torch.float32)
+    if m:
+        _quantize_rows_kernel[(m,)](
+            x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=min(1024, _pow2_at_least(k, 32))
+        )
+    return q, scale
+
+
+def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
+                config: TileConfig | None = None) -> torch.Tensor:  # fmt: skip
+    """``quantize_rows(x)`` times ``(q * scale[:, None]).T`` on the int8 tensor cores: x (M, K)
+    float, q (N, K) int8, scale (N,). The only error beyond the weight's is the activations'
+    rounding to int8 per row."""
+    (m, k), n = x.shape, q.shape[0]
+    out = _prepare_out(x, n, out)
+    if m == 0:
+        return out
+    xq, xs = quantize_rows(x)
+    cfg = config or choose_w8a8_config(m, n, k, _sm_count(x.device.index or 0))
+    k_per_split, split = _splits(k, cfg)
+    target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    _w8a8_mm_kernel[grid](
+        xq, xs, q, scale, target, m, n, k, k_per_split, xq.stride(0), q.stride(0), out.stride(0), m * n,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split > 1:
         _finish_split(target, scale, out)
     return out
 
