@@ -129,10 +129,15 @@ def part_check() -> dict:
             if w8a8:  # what the activations' int8 rounding adds, against weight-only
                 row["w8a8"] = True
                 row["rel_err_vs_weight_only"] = rel_err(out, x.double() @ deq.double().T)
+                # The card's fp32 division may round a code at a .5 boundary the other way than
+                # torch's: allow that, at most one step, on a tiny share of the elements.
                 xq, xs = tk.quantize_rows(x)
-                ref_q = rows_reference(x)
-                row["rows_exact"] = bool(torch.equal(xq.double() * xs.double()[:, None], ref_q))
-                row["ok"] = row["ok"] and row["rows_exact"]
+                xs_col = xs.double()[:, None]
+                steps = ((xq.double() * xs_col - rows_reference(x)) / xs_col).abs()
+                row["rows_max_step"] = steps.max().item()
+                row["rows_mismatch_share"] = (steps > 0.5).double().mean().item()
+                rows_ok = row["rows_max_step"] <= 1.0 + 1e-6 and row["rows_mismatch_share"] < 1e-3
+                row["ok"] = row["ok"] and rows_ok
             rows.append(row)
     # CUDA graph capture of the custom op, as the engine does it (compiled).
     q, s, zp, deq = make_layer("int8", 4096, 4096, torch.bfloat16)

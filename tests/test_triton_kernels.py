@@ -57,7 +57,7 @@ def int4_layer(n: int, k: int, group: int, seed: int):
 
 
 # (M, N, K): one row and several, N and K off every block size, K not a multiple of 16.
-INT8_SHAPES = [(1, 33, 577), (2, 64, 256), (3, 100, 1000), (16, 17, 129), (17, 70, 300), (40, 37, 515)]
+INT8_SHAPES = [(1, 33, 577), (2, 64, 256), (3, 100, 1000), (16, 17, 129), (17, 70, 300), (32, 37, 515)]
 
 
 @pytest.mark.parametrize(("m", "n", "k"), INT8_SHAPES)
@@ -100,9 +100,13 @@ def test_row_quantizer_is_exact() -> None:
     assert q.abs().max() == 127 and not q[2].any()
 
 
-# From W8A8_MIN_ROWS rows on, int8 layers quantize their activations per row and run int8 x int8.
-@pytest.mark.parametrize(("m", "n", "k"), [(65, 33, 577), (70, 100, 300), (130, 64, 1000)])
-def test_w8a8_from_many_rows_matches_its_reference(m: int, n: int, k: int) -> None:
+# With LLMOPT_INT8_ACTIVATIONS=1, from W8A8_MIN_ROWS rows on, int8 layers quantize their
+# activations per row and run int8 x int8.
+@pytest.mark.parametrize(("m", "n", "k"), [(33, 33, 577), (70, 100, 300), (130, 64, 1000)])
+def test_w8a8_from_many_rows_matches_its_reference(
+    m: int, n: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMOPT_INT8_ACTIVATIONS", "1")
     assert m >= tk.W8A8_MIN_ROWS
     q, scale, w = int8_layer(n, k, seed=m + n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
@@ -124,8 +128,8 @@ def test_w8a8_split_k_sums_every_slice_once(split_k: int) -> None:
     assert rel_err(out, (xq.double() * xs.double()[:, None]) @ w.T) < REL_TOL
 
 
-def test_int8_activations_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LLMOPT_INT8_ACTIVATIONS", "0")
+def test_int8_stays_weight_only_at_many_rows_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLMOPT_INT8_ACTIVATIONS", raising=False)
     q, scale, w = int8_layer(33, 300, seed=5)
     x = torch.randn(80, 300, generator=torch.Generator().manual_seed(5))
     assert rel_err(tk.int8_matmul(x, q, scale, out=poisoned(80, 33)), x.double() @ w.T) < REL_TOL
@@ -237,6 +241,12 @@ def test_tile_choice_keeps_every_sm_busy() -> None:
     assert not tk.choose_config("int4", 16, 4096, 4096, 128, sms=132).weight_left
     assert tk.choose_config("int4", 17, 4096, 4096, 128, sms=132).weight_left
     assert not any(tk.choose_config("int8", m, 4096, 4096, None, sms=132).weight_left for m in (1, 32, 128))
+    # W8A8 (33 rows on): 64-row tiles up to 64 rows, 256-deep steps for wide K, K split to fill SMs.
+    assert tk.choose_w8a8_config(64, 4096, 4096, sms=132).block_m == 64
+    wide_k = tk.choose_w8a8_config(128, 4096, 14336, sms=132)
+    assert wide_k.block_m == 128 and wide_k.block_k == 256
+    assert (4096 // wide_k.block_n) * wide_k.split_k >= 0.9 * 132
+    assert tk.choose_w8a8_config(128, 28672, 4096, sms=132).split_k == 1
 
 
 def test_cuda_layers_pick_triton_and_warn_when_only_torch_ops_remain(monkeypatch: pytest.MonkeyPatch) -> None:

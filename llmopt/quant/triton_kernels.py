@@ -355,25 +355,28 @@ def _split_to_fill(tiles: int, steps: int, sms: int) -> int:
     return split_k
 
 
-# From this many rows on, int8 layers also quantize their activations, per row (token), to int8 and
-# run on the int8 tensor cores (W8A8: twice bf16's peak rate, and no dequantization in the loop).
-# There the matmul is compute-bound and dequantizing the weight in the tile made int8 slower than
-# bf16 cuBLAS (0.93x at batch 128, BENCHMARKS.md §5). Below it, decode stays weight-only (W8A16),
-# bound by reading the weight. LLMOPT_INT8_ACTIVATIONS=0 keeps weight-only at every row count.
-W8A8_MIN_ROWS = 65
+# Opt-in (LLMOPT_INT8_ACTIVATIONS=1): from this many rows on, int8 layers also quantize their
+# activations, per row (token), to int8 and run on the int8 tensor cores (W8A8: twice bf16's peak
+# rate, and no dequantization in the loop). With many rows the matmul turns compute-bound, and
+# dequantizing the weight in the tile makes weight-only int8 slower than bf16 cuBLAS (Llama-3-8B
+# shape on an H200, batch 128: 0.93x bf16 weight-only, 1.19x with W8A8; BENCHMARKS.md §5). It is not
+# the default because the activations' rounding costs quality: smollm2's int8 checkpoint (emulated
+# on the CPU) goes from perplexity -0.03% / top-1 agreement 98.5% to +1.15% / 92.9%.
+W8A8_MIN_ROWS = 33
 
 
 def int8_activations_enabled() -> bool:
-    return os.environ.get("LLMOPT_INT8_ACTIVATIONS", "1") != "0"
+    return os.environ.get("LLMOPT_INT8_ACTIVATIONS") == "1"
 
 
 def choose_w8a8_config(m: int, n: int, k: int, sms: int) -> TileConfig:
-    """Tiles for the W8A8 kernel: 128x128 (64x128 for up to 64 rows), 128 inputs per step, K
-    split while there are fewer tiles than SMs."""
-    block_m, num_warps = (64, 4) if m <= 64 else (128, 8)
-    block_n, block_k = 128, min(128, _pow2_at_least(k, 32))
+    """Tiles for the W8A8 kernel, from a sweep on an H200 over Llama-3-8B's layers at 128 rows
+    (BENCHMARKS.md §5): 128x128 tiles, 8 warps, 3 stages, 256 inputs per step for wide K (down)
+    else 128; 64-row tiles up to 64 rows. K is split while there are fewer tiles than SMs."""
+    block_m, num_warps, num_stages = (64, 4, 4) if m <= 64 else (128, 8, 3)
+    block_n, block_k = 128, min(256 if k >= 8192 else 128, _pow2_at_least(k, 32))
     split_k = _split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), sms)
-    return TileConfig(block_m, block_n, block_k, split_k, num_warps, 4)
+    return TileConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
 
 
 def _dot_dtype(x: torch.Tensor) -> Any:
