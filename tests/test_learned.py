@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmopt.errors import UnsupportedError
+from llmopt.errors import InputError, UnsupportedError
 from llmopt.models import LoadSpec, load_model, resolve_model
 from llmopt.quant import learned
 from llmopt.quant.api import QuantizeSpec, choose_method, quantize_checkpoint
@@ -84,7 +84,10 @@ def test_auto_learns_int4_rounding_on_a_gpu_only(monkeypatch: pytest.MonkeyPatch
     int4 = plan_quantization(files, QuantSpec(scheme="int4"))
     int8 = plan_quantization(files, QuantSpec(scheme="int8"))
     assert choose_method("auto", files, int4) == "gptq"  # the CPU: learning would take hours
+    from llmopt.quant import api
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(api, "free_memory_bytes", lambda device: 1 << 40)
     assert choose_method("auto", files, int4) == "learned"
     assert choose_method("auto", files, int8) == "gptq"
     assert choose_method("learned", files, int8) == "learned"
@@ -106,3 +109,18 @@ def test_learned_checkpoint_loads_and_is_closer_to_the_source_than_round_to_near
     assert provenance["method"] == "learned" and "learned rounding" in provenance["method_detail"]
     # Measured: relative logit error 0.097 learned, 0.104 round-to-nearest (GPTQ 0.0996).
     assert errors["learned"] < errors["rtn"] < 0.15 * source.norm().item()
+
+
+def test_methods_that_load_the_model_check_the_memory_of_the_device_it_loads_to(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """With a GPU the model is calibrated there: a full GPU and a roomy host means round-to-nearest."""
+    from llmopt.quant import api
+
+    files = resolve_model("tiny-random")
+    plan = plan_quantization(files, QuantSpec(scheme="int4"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(api, "free_memory_bytes", lambda device: 1024 if device.type == "cuda" else 1 << 40)
+    assert choose_method("auto", files, plan) == "rtn"
+    with pytest.raises(InputError, match="--method rtn"):
+        choose_method("learned", files, plan)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from llmopt import __version__
-from llmopt.device import free_memory_bytes
+from llmopt.device import free_memory_bytes, resolve_device
 from llmopt.errors import InputError
 from llmopt.models import BUILTIN_MODELS, LoadSpec, load_model, resolve_model
 from llmopt.models.files import ModelFiles, hash_model
@@ -157,8 +157,9 @@ LEARN_CALIBRATION_TOKENS = 32768
 
 
 def _fits_in_memory(needed: int) -> bool:
-    """The in-memory paths (GPTQ, rotation) run only where they take under half the free memory."""
-    return needed < 0.5 * free_memory_bytes(torch.device("cpu"))
+    """The in-memory paths (GPTQ, learned rounding, rotation) run where the model loads, the GPU when
+    there is one, and only where they take under half of that device's free memory."""
+    return needed < 0.5 * free_memory_bytes(resolve_device("auto"))
 
 
 def choose_method(requested: str, files: ModelFiles, plan: QuantPlan) -> str:
