@@ -80,6 +80,16 @@ if triton is not None:
             return (nib.to(tl.int32) - zero.to(tl.int32)).to(DTYPE)
 
     @triton.jit
+    def _tile_coords(M, N, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The matmul kernels' grid: axis 0 over output columns, 1 over rows, 2 over K splits.
+        (split index, row and column indices, their in-range masks, first input of the split; a
+        split starts at a multiple of BLOCK_K, so splits never share a step)."""
+        pid_k = tl.program_id(2)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return pid_k, rm, rn, rm < M, rn < N, pid_k * k_per_split
+
+    @triton.jit
     def _int8_mm_kernel(
         x_ptr, w_ptr, scale_ptr, out_ptr,
         M, N, K, k_per_split,
@@ -90,15 +100,8 @@ if triton is not None:
         # WEIGHT_LEFT computes the transposed product, W_tile @ x_tileᵀ: the weight tile, which
         # is dequantized in registers, becomes the left operand, the one Hopper's wgmma can read
         # from registers (the right one must come from shared memory).
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_k, rm, rn, m_ok, n_ok, k_start = _tile_coords(M, N, k_per_split, BLOCK_M, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        m_ok = rm < M
-        n_ok = rn < N
-        k_start = pid_k * k_per_split  # a multiple of BLOCK_K: splits never share a step
         if WEIGHT_LEFT:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
@@ -155,15 +158,8 @@ if triton is not None:
         # each half meets a contiguous slice of x and one scale/zero per output column.
         # WEIGHT_LEFT: the transposed product, as in _int8_mm_kernel.
         HALF: tl.constexpr = GROUP // 2
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_k, rm, rn, m_ok, n_ok, k_start = _tile_coords(M, N, k_per_split, BLOCK_M, BLOCK_N)
         rh = tl.arange(0, HALF)
-        m_ok = rm < M
-        n_ok = rn < N
-        k_start = pid_k * k_per_split
         if WEIGHT_LEFT:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
@@ -248,15 +244,8 @@ if triton is not None:
     ):  # fmt: skip
         # int8 x int8 on the int8 tensor cores, exact int32 sums; the row scale (per token) and the
         # column scale (per output channel) are applied to the sum.
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_k, rm, rn, m_ok, n_ok, k_start = _tile_coords(M, N, k_per_split, BLOCK_M, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        m_ok = rm < M
-        n_ok = rn < N
-        k_start = pid_k * k_per_split
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for step in range(0, k_per_split, BLOCK_K):
             kk = k_start + step + rk
