@@ -75,8 +75,10 @@ def test_models_without_decoder_layers_are_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert "GPT2LMHeadModel lacks" in (learned.unsupported_reason(gpt2) or "")
     with pytest.raises(UnsupportedError, match="--method gptq"):
         learned.decoder_blocks(gpt2)
+    assert learned.unsupported_reason(load_model("tiny-random", FP32).model) is None
 
 
 def test_auto_learns_int4_rounding_on_a_gpu_only(monkeypatch: pytest.MonkeyPatch):

@@ -108,7 +108,7 @@ def quantize_checkpoint(
     codes: dict[str, Codes] = {}
     replace: dict[str, torch.Tensor] = {}
     if method != "rtn" or rotate:  # else round-to-nearest as the tensors stream past
-        codes, replace, rotate = in_memory_codes(files, plan, spec, method, rotate, say)
+        codes, replace, rotate, method = in_memory_codes(files, plan, spec, method, rotate, say)
     say("hashing source", 0, 0)
     provenance: dict[str, Any] = {
         "llmopt_version": __version__,
@@ -219,12 +219,13 @@ def in_memory_codes(
     method: str,
     rotate: bool | None,
     progress: Progress | None = None,
-) -> tuple[dict[str, Codes], dict[str, torch.Tensor], bool]:
+) -> tuple[dict[str, Codes], dict[str, torch.Tensor], bool, str]:
     """Integers and scales of every planned layer from the model loaded in fp32 — GPTQ from Hessians
     on the shipped calibration text, learned rounding, or round-to-nearest — after rotating its
-    residual stream
-    (``rotate``: True must, None if the architecture allows; see ``choose_rotation``); plus the
-    other tensors the rotation changed (embeddings, norms, a 16-bit head), and whether it rotated.
+    residual stream (``rotate``: True must, None if the architecture allows; see
+    ``choose_rotation``); plus the other tensors the rotation changed (embeddings, norms, a 16-bit
+    head), whether it rotated, and the method used (``auto``'s learned rounding becomes GPTQ on an
+    architecture it does not cover).
 
     Scales are in the checkpoint's own dtype, as round-to-nearest would store them. (Sequential
     GPTQ, with Hessians from the partly quantized model, was measured too: int4 +5.38% against
@@ -234,6 +235,7 @@ def in_memory_codes(
     from llmopt.quant.checkpoint import quantize_weight
     from llmopt.quant.gptq import calibration_windows, collect_hessians
     from llmopt.quant.learned import learn_codes
+    from llmopt.quant.learned import unsupported_reason as learned_unsupported
 
     stored = str(files.config.get("dtype") or files.config.get("torch_dtype") or "float32")
     scale_dtype = DTYPES.get(stored, torch.float32)
@@ -249,13 +251,15 @@ def in_memory_codes(
         rotate_residual_(model)
         quantized = {f"{name}.weight" for name in plan.layers}
         replace = {name: p.detach() for name, p in model.named_parameters() if name not in quantized}
+    if method == "learned" and spec.quant.method == "auto" and learned_unsupported(model):
+        method = "gptq"
     if method == "learned":
         text = (resources.files("llmopt") / "data" / "persuasion_calib_long.txt").read_text(encoding="utf-8")
         windows = calibration_windows(loaded.tokenizer, text, LEARN_CALIBRATION_TOKENS, CALIBRATION_WINDOW)
         if progress and loaded.device.type == "cpu":
             progress("learning rounding on the CPU: slow (~1.5 h for 135M on 2 cores)", 0, 0)
         learned, _losses = learn_codes(model, plan.layers, windows, scale_dtype, progress=progress)
-        return learned, replace, rotate
+        return learned, replace, rotate, method
     hessians: dict[str, torch.Tensor] = {}
     if method == "gptq":
         text = (resources.files("llmopt") / "data" / "persuasion_calib.txt").read_text(encoding="utf-8")
@@ -270,7 +274,7 @@ def in_memory_codes(
         codes[name] = (q.cpu(), scale.cpu(), zero.cpu() if zero is not None else None)
         if progress:
             progress("GPTQ" if method == "gptq" else "quantizing", i, len(plan.layers))
-    return codes, replace, rotate
+    return codes, replace, rotate, method
 
 
 def _method_detail(method: str, scheme: str) -> str:

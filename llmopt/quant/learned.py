@@ -135,15 +135,21 @@ class _StopAtFirstBlock(Exception):
     pass
 
 
+def unsupported_reason(model: Any) -> str | None:
+    """Why learned rounding cannot run on ``model``, or None: it needs a decoder with a list of
+    blocks (``.layers``) and a final norm (``.norm``), as Llama-style models have."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(getattr(decoder, "layers", None), nn.ModuleList) or not hasattr(decoder, "norm"):
+        name = type(model).__name__
+        return f"learned rounding needs a decoder with .layers and a final .norm, which {name} lacks"
+    return None
+
+
 def decoder_blocks(model: Any) -> tuple[list[str], nn.ModuleList]:
     """(module names, modules) of the decoder blocks, or UnsupportedError naming what to use."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    blocks = getattr(decoder, "layers", None)
-    if not isinstance(blocks, nn.ModuleList) or not hasattr(decoder, "norm"):
-        raise UnsupportedError(
-            f"Learned rounding needs a decoder with .layers and a final .norm; {type(model).__name__} "
-            "has neither. Use --method gptq."
-        )
+    if reason := unsupported_reason(model):
+        raise UnsupportedError(f"{reason[0].upper()}{reason[1:]}. Use --method gptq.")
+    blocks = model.get_decoder().layers
     names = {id(module): name for name, module in model.named_modules()}
     return [names[id(block)] for block in blocks], blocks
 
@@ -303,4 +309,4 @@ def _learn_codes(
     return codes, losses
 
 
-__all__ = ["LearnSpec", "LearnedQuantizer", "decoder_blocks", "learn_codes"]
+__all__ = ["LearnSpec", "LearnedQuantizer", "decoder_blocks", "learn_codes", "unsupported_reason"]
