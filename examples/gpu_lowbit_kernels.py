@@ -305,11 +305,7 @@ def w8a8_configs(m: int, n: int, k: int) -> list[tk.TileConfig]:
 def with_split(scheme: str, m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
                warps: int, stages: int, weight_left: bool) -> tk.TileConfig:  # fmt: skip
     """A tile config whose split-K follows choose_config's rule for these tiles."""
-    tiles = -(-n // block_n) * -(-m // block_m)
-    steps = -(-k // block_k)
-    split = 1
-    while tiles * split < 0.9 * tk._sm_count(0) and split * 2 <= steps and split < 16:
-        split *= 2
+    split = tk._split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), tk._sm_count(0))
     return tk.TileConfig(block_m, block_n, block_k, split, warps, stages, weight_left)
 
 

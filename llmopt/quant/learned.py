@@ -233,14 +233,16 @@ class _BlockLearner:
         return functional_call(self.block, weights, (x,), self.inputs.kwargs_for(rows))
 
     @torch.no_grad()
-    def loss(self, x: torch.Tensor, target: torch.Tensor) -> float:
-        return torch.nn.functional.mse_loss(_batched(self.run, x, self.batch), target).item()
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output with the current quantized weights, over all windows."""
+        return _batched(self.run, x, self.batch)
 
     def learn(
         self, x: torch.Tensor, target: torch.Tensor, steps: int, generator: torch.Generator
-    ) -> tuple[float, float]:
-        """Learn, then keep round-to-nearest if that was better; (loss before, after) over all windows."""
-        before = self.loss(x, target)
+    ) -> tuple[float, float, torch.Tensor]:
+        """Learn, then keep round-to-nearest if that was better: (loss before, loss after, over all
+        windows; the block's output with the weights kept, the next block's input)."""
+        before = torch.nn.functional.mse_loss(self.output(x), target).item()
         for step in range(steps):
             rows = torch.randperm(self.inputs.n, generator=generator)[: self.batch].to(x.device)
             loss = torch.nn.functional.mse_loss(self.run(x[rows], rows), target[rows])
@@ -250,12 +252,13 @@ class _BlockLearner:
             lr = (1.0 - step / steps) / steps
             for qz in self.quantizers.values():
                 qz.step(lr)
-        after = self.loss(x, target)
+        out = self.output(x)
+        after = torch.nn.functional.mse_loss(out, target).item()
         if after > before:  # never worse than round-to-nearest
             for qz in self.quantizers.values():
                 qz.reset()
-            after = before
-        return before, after
+            out, after = self.output(x), before
+        return before, after, out
 
 
 def _float_block(block: nn.Module, inputs: _BlockInputs, x: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -288,10 +291,9 @@ def _learn_codes(
         learner = _BlockLearner(block, quantizers, inputs, spec.batch)
         with torch.no_grad():
             target = _batched(functools.partial(_float_block, block, inputs), fp_in, spec.batch)
-        losses.append(learner.learn(q_in, target, spec.steps, generator))
-        with torch.no_grad():
-            codes.update({prefix + name: qz.codes() for name, qz in quantizers.items()})
-            q_in = _batched(learner.run, q_in, spec.batch)
+        before, after, q_in = learner.learn(q_in, target, spec.steps, generator)
+        losses.append((before, after))
+        codes.update({prefix + name: qz.codes() for name, qz in quantizers.items()})
         fp_in = target
         say("learning rounding", index + 1, len(blocks))
     rest = [name for name in layers if name not in codes]
