@@ -15,6 +15,7 @@ Part `engine`:
 4. Time to first token for a 1,024-token prompt, and its FLOP rate against a large bf16 matmul's.
 
 Part `lowbit` (issue 5): the model quantized in memory (round-to-nearest; int4 group 128; head int8)
+(SCHEMES=bf16,int8,int4; a "-triton" suffix, e.g. int8-triton, turns the CUDA decode kernels off)
 on the engine with llmopt's kernels. First the quantized model's own transformers forward (the
 same QuantLinear kernels, unfused) against the engine (q/k/v and gate/up stacked, CUDA graphs,
 compiled), then `bench_candidate` at every batch size, bf16 first as the same-run baseline.
@@ -247,7 +248,9 @@ def part_lowbit() -> None:
     copy = measure_copy_bandwidth_gb_s(torch.device("cuda"))
     save("lowbit", "copy_gb_s", copy)
     for scheme in os.environ.get("SCHEMES", "bf16,int8,int4").split(","):
-        quantize = None if scheme == "bf16" else scheme
+        # "int8-triton": the same model with the CUDA decode kernels off (Triton at every row count)
+        quantize = None if scheme == "bf16" else scheme.removesuffix("-triton")
+        os.environ["LLMOPT_CUDA_GEMV"] = "0" if scheme.endswith("-triton") else "1"
         if quantize:
             gen = torch.Generator().manual_seed(0)
             loaded = load_model(MODEL, LoadSpec(device="cuda"))

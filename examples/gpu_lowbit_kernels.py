@@ -7,6 +7,7 @@ Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py sweep      # search tile configs per shape
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py orient     # weight as left vs right mma operand
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py split      # int8 decode: split-K set explicitly
+    PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv       # CUDA decode kernels: work-shape sweep
 
 Correctness: random weights quantized with llmopt's own schemes, many shapes (odd sizes, not
 multiples of any block), bf16 and fp16 activations; outputs poisoned with NaN before each run;
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from llmopt.quant import cuda_gemv
 from llmopt.quant import triton_kernels as tk
 from llmopt.quant.kernels import AtenInt4Kernel, AtenInt8Kernel, LayerShape
 from llmopt.quant.schemes import quantize_int4, quantize_int8
@@ -105,6 +107,7 @@ def capture(body, warmup) -> torch.cuda.CUDAGraph:
 def part_check() -> dict:
     rows = []
     shapes = [(1, 33, 577), (1, 4096, 4096), (3, 100, 1000), (7, 6144, 4096), (16, 1000, 4096),
+              (2, 333, 1024), (3, 50, 96), (4, 6144, 4096), (1, 4096, 14336), (4, 101, 14336),
               (17, 333, 768),
               (33, 4096, 1408), (128, 4096, 4096), (1000, 1536, 576)]  # fmt: skip
     int4_shapes = [(m, n, k) for m, n, k in shapes if k % 32 == 0] + [(1, 37, 4096), (5, 4096, 14336)]
@@ -118,14 +121,22 @@ def part_check() -> dict:
             x = torch.randn(m, k, device=DEV, dtype=dtype)
             w8a8 = scheme == "int8" and m >= tk.W8A8_MIN_ROWS and tk.int8_activations_enabled()
             ref = (rows_reference(x) if w8a8 else x.double()) @ deq.double().T
-            out = torch.full((m, n), float("nan"), device=DEV, dtype=dtype)
-            if scheme == "int8":
-                tk.int8_matmul(x, buffers["weight_int8"], buffers["scales"], out=out)
-            else:
-                tk.int4_matmul(x, buffers["weight_int4"], buffers["scales"], buffers["zeros"], group, out=out)
+
+            def run(x=x, b=buffers, scheme=scheme, group=group, n=n) -> torch.Tensor:
+                out = torch.full((x.shape[0], n), float("nan"), device=DEV, dtype=x.dtype)
+                if scheme == "int8":
+                    return tk.int8_matmul(x, b["weight_int8"], b["scales"], out=out)
+                return tk.int4_matmul(x, b["weight_int4"], b["scales"], b["zeros"], group, out=out)
+
+            out = run()
+            weight = buffers["weight_int8" if scheme == "int8" else "weight_int4"]
+            path = "cuda" if cuda_gemv.usable(x, weight, k, group) else "triton"
             err = rel_err(out, ref)
-            row = {"scheme": scheme, "m": m, "n": n, "k": k, "dtype": str(dtype), "rel_err": err,
-                   "ok": err < 1e-2}  # fmt: skip
+            row = {"scheme": scheme, "m": m, "n": n, "k": k, "dtype": str(dtype), "path": path,
+                   "rel_err": err, "ok": err < 1e-2}  # fmt: skip
+            if path == "cuda":  # the fixed-order reduction: bit-identical on a second run
+                row["deterministic"] = bool(torch.equal(out, run()))
+                row["ok"] = row["ok"] and row["deterministic"]
             if w8a8:  # what the activations' int8 rounding adds, against weight-only
                 row["w8a8"] = True
                 row["rel_err_vs_weight_only"] = rel_err(out, x.double() @ deq.double().T)
@@ -152,9 +163,10 @@ def part_check() -> dict:
     graph_err = rel_err(y_static, 2 * (x.double() @ deq.double().T))
     result = {"cases": rows, "all_ok": all(r["ok"] for r in rows), "graph_rel_err": graph_err}
     worst = max(r["rel_err"] for r in rows)
+    n_cuda = sum(r["path"] == "cuda" for r in rows)
     print(
-        f"check: {len(rows)} cases, all_ok={result['all_ok']}, worst rel_err {worst:.2e}, "
-        f"graph {graph_err:.2e}"
+        f"check: {len(rows)} cases ({n_cuda} on the CUDA decode kernels), all_ok={result['all_ok']}, "
+        f"worst rel_err {worst:.2e}, graph {graph_err:.2e}"
     )
     for r in rows:
         if not r["ok"]:
@@ -223,6 +235,9 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_bw: float, configs=None)
 
         chosen = tk.choose_config(scheme, m, n, k, shape.group_size, tk._sm_count(0))
         record(f"llmopt {scheme}", time_graph(lambda i, c=chosen: run(i, c), copies), nbytes, chosen)
+        weight = b["weight_int8" if scheme == "int8" else "weight_int4"]
+        if cuda_gemv.usable(x, weight, k, shape.group_size):  # what int8/int4_matmul run at 1-2 rows
+            record(f"cuda {scheme}", time_graph(lambda i: run(i, None), copies), nbytes)
         for cfg in (configs or {}).get(scheme, []):
             try:
                 sec = time_graph(lambda i, cfg=cfg: run(i, cfg), copies, reps=3)
@@ -420,15 +435,80 @@ def part_table(sweep: bool) -> dict:
             best = {}
             for r in rows:
                 if r["m"] == m and r["shape"] == name:
-                    key = r["kernel"].split()[-1] if r["kernel"] != "bf16 cublas" else "bf16"
+                    key = r["kernel"].replace("sweep ", "llmopt ")  # a sweep competes with the rule
                     if key not in best or r["us"] < best[key]["us"]:
                         best[key] = r
             for key, r in best.items():
-                print(f"m={m:5d} {name:8s} {key:5s} best {r['kernel']:12s} {r['us']:9.1f} us "
+                print(f"m={m:5d} {name:8s} {key:12s} best {r['kernel']:12s} {r['us']:9.1f} us "
                       f"{r['gbps']:7.0f} GB/s "
                       f"{r['pct_copy_bw']:5.1f}% {r.get('config', '')}", flush=True)  # fmt: skip
             partial = {"copy_bw": copy_bw, "rows": rows}
             (OUT / f"lowbit_{'sweep' if sweep else 'table'}_partial.json").write_text(json.dumps(partial))
+    return {"copy_bw": copy_bw, "rows": rows}
+
+
+def gemv_variants() -> list[tuple[str, ...]]:
+    """Work shapes of the CUDA decode kernels (csrc/gemv_cuda.cu): rows per team x chunks in flight x
+    warps per team, the same for int8 and int4 in one build."""
+    variants = []
+    for rows, unroll, ksplit in itertools.product((1, 2, 4, 8), (1, 2, 4), (1, 2, 4)):
+        shape = (("ROWS", rows), ("UNROLL", unroll), ("KSPLIT", ksplit))
+        variants.append(tuple(f"-D{s}_{name}={v}" for s in ("INT8", "INT4") for name, v in shape))
+    return variants
+
+
+def part_gemv() -> dict:
+    """Build every variant (in parallel); per layer shape and row count (1, 2), check and time each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    copy_bw = copy_bandwidth()
+    arch = cuda_gemv._arch(0)
+    with ThreadPoolExecutor(16) as pool:
+        paths = list(pool.map(lambda d: cuda_gemv.build_library(arch, defines=d)[0], gemv_variants()))
+    libs = [cuda_gemv.load(p) for p in paths]
+    ms = [int(v) for v in os.environ.get("MS", "1,2").split(",")]
+    rows = []
+    for scheme in ("int8", "int4"):
+        for name in os.environ.get("SHAPES", ",".join(LLAMA_SHAPES)).split(","):
+            n, k = LLAMA_SHAPES[name]
+            q, s, zp, deq = make_layer(scheme, n, k, torch.bfloat16)
+            shape = LayerShape(scheme, k, n, None if scheme == "int8" else GROUP)
+            kern = tk.TritonInt8Kernel() if scheme == "int8" else tk.TritonInt4Kernel()
+            b = kern.prepare(q, s, zp, shape, DEV, torch.bfloat16)
+            nbytes_w = sum(t.numel() * t.element_size() for t in b.values())
+            copies = max(2, math.ceil(256e6 / nbytes_w))
+            bufs = [{key: t.clone() for key, t in b.items()} for _ in range(copies)]
+            for m in ms:
+                x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
+                ref = x.double() @ deq.double().T
+                nbytes = nbytes_w + 2 * m * k + 2 * m * n
+                for variant, lib in zip(gemv_variants(), libs, strict=True):
+
+                    def run(i, lib=lib, x=x, out=out, bufs=bufs, scheme=scheme):
+                        bb = bufs[i]
+                        if scheme == "int8":
+                            cuda_gemv.int8_gemv(x, bb["weight_int8"], bb["scales"], out, lib=lib)
+                        else:
+                            cuda_gemv.int4_gemv(x, bb["weight_int4"], bb["scales"], bb["zeros"], GROUP, out,
+                                                lib=lib)  # fmt: skip
+
+                    out.fill_(float("nan"))
+                    run(0)
+                    err = rel_err(out, ref)
+                    sec = time_graph(run, copies, reps=5)
+                    mine = [d for d in variant if d.startswith(f"-D{scheme.upper()}")]
+                    label = " ".join(d.split("_", 1)[1] for d in mine)
+                    rows.append({"scheme": scheme, "shape": name, "m": m, "variant": label, "us": sec * 1e6,
+                                 "pct_copy_bw": 100 * nbytes / sec / copy_bw, "rel_err": err})  # fmt: skip
+                best = min((r for r in rows if (r["scheme"], r["shape"], r["m"]) == (scheme, name, m)),
+                           key=lambda r: r["us"])  # fmt: skip
+                print(f"{scheme} m={m} {name:8s} best {best['variant']:32s} {best['us']:8.1f} us "
+                      f"{best['pct_copy_bw']:5.1f}%  (worst err of all variants "
+                      f"{max(r['rel_err'] for r in rows if r['shape'] == name and r['m'] == m):.1e})",
+                      flush=True)  # fmt: skip
+                (OUT / "lowbit_gemv_partial.json").write_text(json.dumps({"copy_bw": copy_bw, "rows": rows}))
+            del bufs
     return {"copy_bw": copy_bw, "rows": rows}
 
 
@@ -441,6 +521,8 @@ def main() -> None:
         result = part_orient()
     elif part == "split":
         result = part_split()
+    elif part == "gemv":
+        result = part_gemv()
     else:
         result = part_table(sweep=part == "sweep")
     result["device"] = torch.cuda.get_device_name()

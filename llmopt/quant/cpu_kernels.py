@@ -6,14 +6,13 @@ matmuls over few rows. ``csrc/int8_linear_cpu.cpp`` streams the int8 weights fro
 (``pack_int8``), converts them in registers and accumulates in fp32 against fp32 activations, with
 the per-channel scale applied once at the end (see the source for the loop).
 
-Build: the first CPU int8 layer compiles the source with the system's C++ compiler (g++; ``CXX``
-overrides) against torch's headers and libraries (about 7-9 s on 2 cores) into llmopt's cache,
-``<cache>/cpp/int8_linear_cpu-<key>/``. The key hashes the source, the compiler, the flags, torch's
-version and location, and the CPU's vector ISA. A file lock makes sure two processes never build at
-once; later ones load the finished library. No ``-march`` flag: the code picks AVX-512 or AVX2 at
-run time, so a build runs on any x86-64 machine that shares the cache. No ninja and no Python
-headers are needed: the library registers plain torch ops and is loaded with
-``torch.ops.load_library``. If it cannot be built, one warning says so and int8 layers keep
+Build (llmopt/quant/native_build.py): the first CPU int8 layer compiles the source with the
+system's C++ compiler (g++; ``CXX`` overrides) against torch's headers and libraries (about 7-9 s
+on 2 cores) into llmopt's cache, ``<cache>/cpp/int8_linear_cpu-<key>/``. The key hashes the source,
+the compiler, the flags, torch's version and location, and the CPU's vector ISA. No ``-march``
+flag: the code picks AVX-512 or AVX2 at run time, so a build runs on any x86-64 machine that shares
+the cache. No ninja and no Python headers are needed: the library registers plain torch ops and is
+loaded with ``torch.ops.load_library``. If it cannot be built, one warning says so and int8 layers keep
 torch's op.
 
 The op is ``torch.ops.llmopt.int8_linear_cpu(x, w_packed, scale)``, a torch library op with a fake
@@ -23,19 +22,18 @@ The op is ``torch.ops.llmopt.int8_linear_cpu(x, w_packed, scale)``, a torch libr
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from llmopt.quant import native_build
 from llmopt.quant.kernels import LayerShape, QuantKernel
+from llmopt.quant.native_build import BuildError, build_folder, tool_version
 
 BLOCK = 16  # output channels per packed block (the kernel's vector width in fp32 lanes)
 SOURCES = (
@@ -46,10 +44,6 @@ LIBRARY_NAME = "int8_linear_cpu"
 DISABLE_ENV = "LLMOPT_CPU_KERNELS"  # "0": never build or use llmopt's CPU kernels
 CXX_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-DNDEBUG", "-Wno-c++20-extensions")
 ISA_NAMES = {2: "avx512", 1: "avx2", 0: "none"}
-
-
-class BuildError(RuntimeError):
-    pass
 
 
 def _compiler() -> str | None:
@@ -79,14 +73,6 @@ def cpu_isa() -> str:
     return "none"
 
 
-def _compiler_version(cxx: str) -> str:
-    try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    return out.stdout.splitlines()[0] if out.stdout else "?"
-
-
 def _build_command(cxx: str, sources: tuple[Path, ...], target: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
@@ -109,63 +95,26 @@ def _build_command(cxx: str, sources: tuple[Path, ...], target: Path) -> list[st
 
 def build_dir() -> Path:
     """Where this source, compiler, torch and CPU ISA build to (inside llmopt's cache)."""
-    from llmopt.models.builtin import cache_dir
-
     cxx = _compiler() or "none"
-    key = hashlib.sha256()
-    for part in (
+    return build_folder("cpp", LIBRARY_NAME, (
         *(source.read_bytes() for source in SOURCES),
-        _compiler_version(cxx).encode(),
-        " ".join(CXX_FLAGS).encode(),
-        torch.__version__.encode(),
-        str(Path(torch.__file__).parent).encode(),  # the library links (and rpaths) this torch
-        platform.machine().encode(),
-        cpu_isa().encode(),
-    ):
-        key.update(part)
-        key.update(b"\0")
-    return cache_dir() / "cpp" / f"{LIBRARY_NAME}-{key.hexdigest()[:16]}"
+        tool_version(cxx),
+        " ".join(CXX_FLAGS),
+        torch.__version__,
+        str(Path(torch.__file__).parent),  # the library links (and rpaths) this torch
+        platform.machine(),
+        cpu_isa(),
+    ))  # fmt: skip
 
 
 def build_library(force: bool = False) -> tuple[Path, float]:
-    """Compile the kernel library (once per key; ``force`` rebuilds). Returns its path and the
-    build time in seconds (0 when it was already there). Raises BuildError with the compiler's
-    output when it fails; a failed build is remembered (``build.failed``), so later processes do
-    not retry it until the compiler changes or the folder is deleted."""
-    from filelock import FileLock
-
+    """Compile the kernel library (once per key; ``force`` rebuilds): native_build.build_library."""
     cxx = _compiler()
     if cxx is None:
         raise BuildError("no C++ compiler found (looked for $CXX, g++, c++)")
-    folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{LIBRARY_NAME}.so"
-    failed = folder / "build.failed"
-    with FileLock(str(folder / "build.lock")):
-        if target.is_file() and not force:
-            return target, 0.0
-        if failed.is_file() and not force:
-            log = folder / "build.log"
-            raise BuildError(f"an earlier build failed (log: {log}; delete {folder} to retry)")
-        partial = folder / f"{LIBRARY_NAME}.{os.getpid()}.tmp.so"
-        command = _build_command(cxx, SOURCES, partial)
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
-        except (OSError, subprocess.SubprocessError) as exc:
-            failed.write_text(str(exc))
-            raise BuildError(f"{cxx} could not run ({exc})") from exc
-        seconds = time.perf_counter() - start
-        log = folder / "build.log"
-        log.write_text(" ".join(command) + "\n\n" + proc.stdout + proc.stderr)
-        if proc.returncode != 0 or not partial.is_file():
-            partial.unlink(missing_ok=True)
-            failed.write_text(f"exit {proc.returncode}")
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise BuildError(f"{cxx} failed (exit {proc.returncode}); full log in {log}:\n{tail}")
-        os.replace(partial, target)  # atomic: a reader never sees a half-written library
-        failed.unlink(missing_ok=True)
-        return target, seconds
+    return native_build.build_library(
+        build_dir(), LIBRARY_NAME, lambda target: _build_command(cxx, SOURCES, target), force=force
+    )
 
 
 @functools.cache

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from llmopt.quant import cuda_gemv
 from llmopt.quant.kernels import LayerShape, QuantKernel, RowMajorQuantKernel
 
 try:
@@ -406,6 +407,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
     out = _prepare_out(x, n, out)
     if m == 0:
         return out
+    if config is None and cuda_gemv.usable(x, q, k):  # 1-2 rows: the CUDA-core decode kernel
+        return cuda_gemv.int8_gemv(x, q, scale, out)
     if config is None and m >= W8A8_MIN_ROWS and int8_activations_enabled():
         return w8a8_matmul(x, q, scale, out=out)
     if _use_dequant(m, config):  # one elementwise pass: int8 * scale → x's dtype
@@ -500,6 +503,8 @@ def int4_matmul(
     out = _prepare_out(x, n, out)
     if m == 0:
         return out
+    if config is None and cuda_gemv.usable(x, packed, k, group):  # 1-2 rows: the CUDA-core decode kernel
+        return cuda_gemv.int4_gemv(x, packed, scale, zero, group, out)
     if _use_dequant(m, config):
         return torch.mm(x, int4_dequantize(packed, scale, zero, group, x.dtype).T, out=out)
     cfg = config or choose_config("int4", m, n, k, group, _sm_count(x.device.index or 0))

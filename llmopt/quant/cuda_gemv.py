@@ -1,0 +1,175 @@
+"""llmopt's CUDA C++ decode kernels: int8 and int4 weight-only matrix-vector products for 1-2 rows.
+
+At decode's row counts a low-bit matmul is a stream of weight bytes, and Triton's tensor-core tiles
+spend more instructions per byte than the copy rate allows (int4: 19-35% of copy bandwidth on an
+H200, BENCHMARKS.md §5). ``csrc/gemv_cuda.cu`` reads 16-byte chunks of the weight with plain CUDA
+cores, turns integers into floats with byte permutes instead of conversion instructions and sums in
+fp32 with a fixed-order block reduction (deterministic); its header explains the arithmetic. It reads
+the Triton kernels' layouts, so ``triton_kernels.int8_matmul`` / ``int4_matmul`` call it for 1 or 2 rows
+and keep the Triton tiles for more rows (``GEMV_MAX_ROWS``); nothing is repacked.
+
+Build (``native_build``): the first call compiles the source with nvcc for the GPU's architecture
+(a few seconds; no torch headers, so no ninja or Python headers either) into llmopt's cache,
+``<cache>/cuda/gemv_cuda-<key>/``, and loads it with ctypes. Launches go to torch's current stream,
+so CUDA graphs capture them. Where nvcc is missing or the build fails, one warning says so and the
+Triton kernels do the work. ``LLMOPT_CUDA_GEMV=0`` turns the library off (for A/B measurements).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from llmopt.quant import native_build
+from llmopt.quant.native_build import BuildError
+
+SOURCE = Path(__file__).parent / "csrc" / "gemv_cuda.cu"
+LIBRARY_NAME = "gemv_cuda"
+DISABLE_ENV = "LLMOPT_CUDA_GEMV"
+NVCC_FLAGS = ("-O3", "-std=c++20", "-shared", "-Xcompiler", "-fPIC", "-DNDEBUG")
+GEMV_MAX_ROWS = 2  # the kernels' row limit (csrc/gemv_cuda.cu: kMaxRows); Triton is faster from 3
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidate = Path(home) / "bin" / "nvcc" if home else None
+    if candidate is not None and candidate.is_file():
+        return str(candidate)
+    return shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
+    )
+
+
+def _arch(device_index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm_{major}{minor}"
+
+
+def build_library(arch: str, force: bool = False, defines: tuple[str, ...] = ()) -> tuple[Path, float]:
+    """Compile the library for ``arch`` (e.g. 'sm_90'), once per key: native_build.build_library.
+    ``defines`` (e.g. '-DINT8_ROWS=4') override the kernels' work shape, for sweeps."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc (CUDA's compiler) was not found on PATH, in $CUDA_HOME or /usr/local/cuda")
+    flags = (*NVCC_FLAGS, *defines, f"-arch={arch}")
+    key = (SOURCE.read_bytes(), native_build.tool_version(nvcc), " ".join(flags))
+    folder = native_build.build_folder("cuda", LIBRARY_NAME, key)
+
+    def command(target: Path) -> list[str]:
+        return [nvcc, *flags, str(SOURCE), "-o", str(target)]
+
+    return native_build.build_library(folder, LIBRARY_NAME, command, force=force)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The built library at ``path``, with its entry points declared."""
+    return _declare(ctypes.CDLL(str(path)))
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    lib.llmopt_int8_gemv.argtypes = [ptr, i32, ptr, ptr, i32, ptr, i32, i32, i32, i64, i64, ptr]
+    lib.llmopt_int4_gemv.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, i32, i32, i32, i64, i64, ptr]
+    lib.llmopt_int8_gemv.restype = lib.llmopt_int4_gemv.restype = i32
+    lib.llmopt_gemv_max_rows.restype = i32
+    return lib
+
+
+@functools.cache
+def _library(device_index: int) -> ctypes.CDLL | None:
+    """The loaded library for this device's architecture, or None (warned once) when it cannot be."""
+    try:
+        path, seconds = build_library(_arch(device_index))
+        if seconds:
+            print(f"llmopt: built the CUDA decode kernels in {seconds:.1f} s ({path})", file=sys.stderr)
+        lib = load(path)
+        if lib.llmopt_gemv_max_rows() != GEMV_MAX_ROWS:
+            rows = lib.llmopt_gemv_max_rows()
+            raise BuildError(f"{path} takes {rows} rows, this module expects {GEMV_MAX_ROWS}")
+    except (BuildError, OSError) as exc:
+        warnings.warn(
+            f"llmopt's CUDA decode kernels are unavailable ({exc}); int8/int4 decode uses the slower "
+            "Triton kernels. To fix: install CUDA's compiler (nvcc, matching the driver) or set CUDA_HOME.",
+            stacklevel=3,
+        )
+        return None
+    return lib
+
+
+def enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "1") != "0"
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor, k: int, group: int | None = None) -> bool:
+    """Whether the CUDA kernels take this call: 1-2 rows of a bf16/fp16 CUDA x, K a multiple of 16
+    (int4: of the group, a power of two >= 32), a 16-byte aligned contiguous weight, and the library
+    builds here."""
+    return (
+        x.is_cuda
+        and weight.is_contiguous()
+        and weight.data_ptr() % 16 == 0
+        and 1 <= x.shape[0] <= GEMV_MAX_ROWS
+        and x.dtype in _ACTIVATION_DTYPES
+        and k % 16 == 0
+        and (group is None or (group >= 32 and group & (group - 1) == 0 and k % group == 0))
+        and enabled()
+        and _library(x.device.index or 0) is not None
+    )
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"llmopt's CUDA {what} kernel failed to launch (cudaError {code})")
+
+
+def _stream(x: torch.Tensor) -> int:
+    return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x with 16-byte aligned rows (the kernels read x in 8-byte pieces at 16-input offsets)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+              lib: ctypes.CDLL | None = None) -> torch.Tensor:  # fmt: skip
+    """``out = x @ (q * scale[:, None]).T`` for x (M <= 2, K) bf16/fp16, q (N, K) int8, scale (N,).
+    ``lib``: another build of the library (sweeps)."""
+    assert usable(x, q, q.shape[1])
+    lib = lib or _library(x.device.index or 0)
+    assert lib is not None
+    x = _aligned(x)
+    (m, k), n = x.shape, q.shape[0]
+    code = lib.llmopt_int8_gemv(
+        x.data_ptr(), _DTYPE_CODES[x.dtype], q.data_ptr(), scale.data_ptr(), _DTYPE_CODES[scale.dtype],
+        out.data_ptr(), m, n, k, x.stride(0), out.stride(0), _stream(x),
+    )  # fmt: skip
+    _check(code, "int8")
+    return out
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+              out: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:  # fmt: skip
+    """``out = x @ dequant(W).T`` for the half-split int4 layout (triton_kernels.pack_int4_halves)."""
+    assert usable(x, packed, packed.shape[1] * 2, group)
+    lib = lib or _library(x.device.index or 0)
+    assert lib is not None
+    x = _aligned(x)
+    (m, k), n = x.shape, packed.shape[0]
+    code = lib.llmopt_int4_gemv(
+        x.data_ptr(), _DTYPE_CODES[x.dtype], packed.data_ptr(), scale.data_ptr(), _DTYPE_CODES[scale.dtype],
+        zero.data_ptr(), out.data_ptr(), m, n, k, group, x.stride(0), out.stride(0), _stream(x),
+    )  # fmt: skip
+    _check(code, "int4")
+    return out
