@@ -15,10 +15,12 @@ Part `engine`:
 4. Time to first token for a 1,024-token prompt, and its FLOP rate against a large bf16 matmul's.
 
 Part `lowbit` (issue 5): the model quantized in memory (round-to-nearest; int4 group 128; head int8)
-(SCHEMES=bf16,int8,int4; a "-triton" suffix, e.g. int8-triton, turns the CUDA decode kernels off)
+(SCHEMES=bf16,int8,int4; suffixes turn parts off for A/B runs: "-triton" the CUDA decode kernels,
+"-sdpa" the fused decode attention, e.g. SCHEMES=bf16-sdpa,bf16,int8)
 on the engine with llmopt's kernels. First the quantized model's own transformers forward (the
 same QuantLinear kernels, unfused) against the engine (q/k/v and gate/up stacked, CUDA graphs,
-compiled), then `bench_candidate` at every batch size, bf16 first as the same-run baseline.
+compiled), then `bench_candidate` at every batch size, bf16 first as the same-run baseline; with
+BREAKDOWN=1 also each configuration's batch-1 step split (as part `engine` does for bf16).
 """
 
 from __future__ import annotations
@@ -248,9 +250,12 @@ def part_lowbit() -> None:
     copy = measure_copy_bandwidth_gb_s(torch.device("cuda"))
     save("lowbit", "copy_gb_s", copy)
     for scheme in os.environ.get("SCHEMES", "bf16,int8,int4").split(","):
-        # "int8-triton": the same model with the CUDA decode kernels off (Triton at every row count)
-        quantize = None if scheme == "bf16" else scheme.removesuffix("-triton")
-        os.environ["LLMOPT_CUDA_GEMV"] = "0" if scheme.endswith("-triton") else "1"
+        # Suffixes turn parts off, for A/B runs: "-triton" the CUDA decode kernels (Triton at every
+        # row count), "-sdpa" the fused decode attention (index_put + SDPA), e.g. int8-triton, bf16-sdpa.
+        base, *off = scheme.split("-")
+        quantize = None if base == "bf16" else base
+        os.environ["LLMOPT_CUDA_GEMV"] = "0" if "triton" in off else "1"
+        os.environ["LLMOPT_TRITON_ATTENTION"] = "0" if "sdpa" in off else "1"
         if quantize:
             gen = torch.Generator().manual_seed(0)
             loaded = load_model(MODEL, LoadSpec(device="cuda"))
@@ -270,6 +275,14 @@ def part_lowbit() -> None:
         save("lowbit", f"{scheme}_wall_s", time.time() - t)
         del result
         torch.cuda.empty_cache()
+        if os.environ.get("BREAKDOWN") == "1":  # where a batch-1 step's time goes, this configuration
+            loaded = load_model(MODEL, LoadSpec(device="cuda"))
+            if quantize:
+                quantize_model_(loaded.model, QuantSpec(quantize))
+            engine = Engine(loaded.model, None, EngineConfig(max_batch=1, max_seq=300))
+            save("lowbit", f"{scheme}_breakdown_b1", breakdown(engine, 1, 256))
+            del engine, loaded
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py orient     # weight as left vs right mma operand
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py split      # int8 decode: split-K set explicitly
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv       # CUDA decode kernels: work-shape sweep
+    PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv-mma   # the int4 tensor-core decode kernel's
 
 Correctness: random weights quantized with llmopt's own schemes, many shapes (odd sizes, not
 multiples of any block), bf16 and fp16 activations; outputs poisoned with NaN before each run;
@@ -108,6 +109,7 @@ def part_check() -> dict:
     rows = []
     shapes = [(1, 33, 577), (1, 4096, 4096), (3, 100, 1000), (7, 6144, 4096), (16, 1000, 4096),
               (2, 333, 1024), (3, 50, 96), (4, 6144, 4096), (1, 4096, 14336), (4, 101, 14336),
+              (8, 1000, 4096), (2, 40, 96),
               (17, 333, 768),
               (33, 4096, 1408), (128, 4096, 4096), (1000, 1536, 576)]  # fmt: skip
     int4_shapes = [(m, n, k) for m, n, k in shapes if k % 32 == 0] + [(1, 37, 4096), (5, 4096, 14336)]
@@ -236,7 +238,7 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_bw: float, configs=None)
         chosen = tk.choose_config(scheme, m, n, k, shape.group_size, tk._sm_count(0))
         record(f"llmopt {scheme}", time_graph(lambda i, c=chosen: run(i, c), copies), nbytes, chosen)
         weight = b["weight_int8" if scheme == "int8" else "weight_int4"]
-        if cuda_gemv.usable(x, weight, k, shape.group_size):  # what int8/int4_matmul run at 1-2 rows
+        if cuda_gemv.usable(x, weight, k, shape.group_size):  # what int8/int4_matmul run at decode rows
             record(f"cuda {scheme}", time_graph(lambda i: run(i, None), copies), nbytes)
         for cfg in (configs or {}).get(scheme, []):
             try:
@@ -457,18 +459,25 @@ def gemv_variants() -> list[tuple[str, ...]]:
     return variants
 
 
-def part_gemv() -> dict:
-    """Build every variant (in parallel); per layer shape and row count (1, 2), check and time each."""
+def mma_variants() -> list[tuple[str, ...]]:
+    """Work shapes of the int4 tensor-core decode kernel: warps per block x chunks in flight."""
+    return [(f"-DMMA_WARPS={w}", f"-DMMA_UNROLL={u}") for w, u in itertools.product((2, 4, 8), (1, 2, 4))]
+
+
+def part_gemv(mma: bool) -> dict:
+    """Build every variant (in parallel); per layer shape and row count, check and time each. ``mma``:
+    the int4 tensor-core kernel's variants (1-8 rows), else the CUDA-core kernels' (1-2 rows)."""
     from concurrent.futures import ThreadPoolExecutor
 
     copy_bw = copy_bandwidth()
     arch = cuda_gemv._arch(0)
+    variants = mma_variants() if mma else gemv_variants()
     with ThreadPoolExecutor(16) as pool:
-        paths = list(pool.map(lambda d: cuda_gemv.build_library(arch, defines=d)[0], gemv_variants()))
+        paths = list(pool.map(lambda d: cuda_gemv.build_library(arch, defines=d)[0], variants))
     libs = [cuda_gemv.load(p) for p in paths]
-    ms = [int(v) for v in os.environ.get("MS", "1,2").split(",")]
+    ms = [int(v) for v in os.environ.get("MS", "1,2,4,8" if mma else "1,2").split(",")]
     rows = []
-    for scheme in ("int8", "int4"):
+    for scheme in ("int4",) if mma else ("int8", "int4"):
         for name in os.environ.get("SHAPES", ",".join(LLAMA_SHAPES)).split(","):
             n, k = LLAMA_SHAPES[name]
             q, s, zp, deq = make_layer(scheme, n, k, torch.bfloat16)
@@ -483,30 +492,29 @@ def part_gemv() -> dict:
                 out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
                 ref = x.double() @ deq.double().T
                 nbytes = nbytes_w + 2 * m * k + 2 * m * n
-                for variant, lib in zip(gemv_variants(), libs, strict=True):
+                for variant, lib in zip(variants, libs, strict=True):
 
                     def run(i, lib=lib, x=x, out=out, bufs=bufs, scheme=scheme):
                         bb = bufs[i]
                         if scheme == "int8":
                             cuda_gemv.int8_gemv(x, bb["weight_int8"], bb["scales"], out, lib=lib)
                         else:
-                            cuda_gemv.int4_gemv(x, bb["weight_int4"], bb["scales"], bb["zeros"], GROUP, out,
-                                                lib=lib)  # fmt: skip
+                            call = cuda_gemv.int4_mma_gemv if mma else cuda_gemv.int4_gemv
+                            call(x, bb["weight_int4"], bb["scales"], bb["zeros"], GROUP, out, lib=lib)
 
                     out.fill_(float("nan"))
                     run(0)
                     err = rel_err(out, ref)
                     sec = time_graph(run, copies, reps=5)
-                    mine = [d for d in variant if d.startswith(f"-D{scheme.upper()}")]
+                    mine = [d for d in variant if mma or d.startswith(f"-D{scheme.upper()}")]
                     label = " ".join(d.split("_", 1)[1] for d in mine)
                     rows.append({"scheme": scheme, "shape": name, "m": m, "variant": label, "us": sec * 1e6,
                                  "pct_copy_bw": 100 * nbytes / sec / copy_bw, "rel_err": err})  # fmt: skip
-                best = min((r for r in rows if (r["scheme"], r["shape"], r["m"]) == (scheme, name, m)),
-                           key=lambda r: r["us"])  # fmt: skip
+                here = [r for r in rows if (r["scheme"], r["shape"], r["m"]) == (scheme, name, m)]
+                best = min(here, key=lambda r: r["us"])
                 print(f"{scheme} m={m} {name:8s} best {best['variant']:32s} {best['us']:8.1f} us "
                       f"{best['pct_copy_bw']:5.1f}%  (worst err of all variants "
-                      f"{max(r['rel_err'] for r in rows if r['shape'] == name and r['m'] == m):.1e})",
-                      flush=True)  # fmt: skip
+                      f"{max(r['rel_err'] for r in here):.1e})", flush=True)  # fmt: skip
                 (OUT / "lowbit_gemv_partial.json").write_text(json.dumps({"copy_bw": copy_bw, "rows": rows}))
             del bufs
     return {"copy_bw": copy_bw, "rows": rows}
@@ -521,8 +529,8 @@ def main() -> None:
         result = part_orient()
     elif part == "split":
         result = part_split()
-    elif part == "gemv":
-        result = part_gemv()
+    elif part in ("gemv", "gemv-mma"):
+        result = part_gemv(mma=part == "gemv-mma")
     else:
         result = part_table(sweep=part == "sweep")
     result["device"] = torch.cuda.get_device_name()

@@ -3,7 +3,7 @@
 The kernels themselves run only on a GPU: examples/gpu_lowbit_kernels.py ``check`` compares them with
 a float64 reference there (odd shapes, NaN-poisoned outputs, a second run bit-identical) before any
 timing. Here: the source compiles with nvcc where nvcc is installed (this machine type has it), the
-library loads and agrees with the Python side on its row limit, CPU tensors never reach it, and a
+library loads and agrees with the Python side on its row limits, CPU tensors never reach it, and a
 missing compiler gives one warning and the Triton path instead of an error.
 """
 
@@ -20,7 +20,11 @@ def test_library_builds_and_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path))
     path, seconds = cuda_gemv.build_library("sm_80")
     assert path.is_file() and seconds > 0
-    assert cuda_gemv.load(path).llmopt_gemv_max_rows() == cuda_gemv.GEMV_MAX_ROWS
+    lib = cuda_gemv.load(path)
+    assert (lib.llmopt_gemv_max_rows(0), lib.llmopt_gemv_max_rows(1)) == (
+        cuda_gemv.INT8_MAX_ROWS,
+        cuda_gemv.INT4_MAX_ROWS,
+    )
     assert cuda_gemv.build_library("sm_80") == (path, 0.0)  # built once per key
 
 

@@ -11,12 +11,14 @@ Every forward works on rows that map to a contiguous range of cache slots, at ex
 positions: prefill of one sequence (rows = 1, T tokens) and decode of a slot bucket (rows = B,
 T = 1) are the same code. Keys and values go straight into the slot's cache; attention reads the
 slot's first ``attn_len`` positions under a mask built from each row's own position (and the
-layer's sliding window), so rows of different lengths share one step.
+layer's sliding window), so rows of different lengths share one step. On the GPU a decode step's
+cache write and attention are one Triton kernel per layer instead (``triton_attention.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +109,19 @@ def cpu_fast_path(x: torch.Tensor) -> bool:
     )
 
 
+def triton_decode_path(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode steps write the cache and attend in llmopt's fused Triton kernel
+    (``triton_attention.py``) instead of index_put + SDPA: on CUDA with Triton installed, unless
+    LLMOPT_TRITON_ATTENTION=0 (torch's path, for A/B runs). Decided once, when the model is built."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if os.environ.get("LLMOPT_TRITON_ATTENTION", "1") == "0":
+        return False
+    from llmopt.engine import triton_attention  # registers llmopt::decode_attention
+
+    return triton_attention.available()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Exactly transformers' Llama RMSNorm: normalise in fp32, cast back, then scale. In fp32 that
     is one op: llmopt's on the CPU in eager mode, else torch's fused one."""
@@ -166,11 +181,12 @@ class Projections(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer: Any, spec: ArchSpec, index: int) -> None:
+    def __init__(self, hf_layer: Any, spec: ArchSpec, index: int, fused_decode: bool) -> None:
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.spec = spec
         self.index = index
+        self.fused_decode = fused_decode  # decode (T = 1) through llmopt::decode_attention
         self.window = spec.windows[index]
         self.attn_norm = hf_layer.input_layernorm.weight
         self.mlp_norm = hf_layer.post_attention_layernorm.weight
@@ -205,6 +221,13 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, spec.rms_eps)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if t == 1 and self.fused_decode:
+            # Decode on the GPU: cache write and flash-decoding attention in Triton (masks itself).
+            out = torch.ops.llmopt.decode_attention(
+                q, k, v, cache.keys[self.index], cache.values[self.index], slots, positions, attn_len,
+                self.window, self.scale,
+            )  # fmt: skip
+            return self._mlp(x + self.o_proj(out))
         if t == 1 and cpu_fast_path(x) and cache.keys[self.index].dtype == torch.float32:
             # Decode on the CPU: cache write and attention in one op.
             out = torch.ops.llmopt.decode_attention_cpu(
@@ -251,7 +274,10 @@ class DecoderModel(nn.Module):
         self.spec = arch_spec(hf_model.config)
         inner = hf_model.model
         self.embed = inner.embed_tokens
-        self.layers = nn.ModuleList(DecoderLayer(layer, self.spec, i) for i, layer in enumerate(inner.layers))
+        self.fused_decode = triton_decode_path(self.device, self.dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(layer, self.spec, i, self.fused_decode) for i, layer in enumerate(inner.layers)
+        )
         self.norm = inner.norm.weight
         self.lm_head = hf_model.lm_head
         rotary = inner.rotary_emb
@@ -313,7 +339,8 @@ class DecoderModel(nn.Module):
         assert self.rope_cos is not None and self.rope_sin is not None, "call build_rope() first"
         x = self.embed(tokens)
         rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
-        masks = self.masks(positions, attn_len)
+        fused = self.fused_decode and tokens.shape[1] == 1
+        masks = {} if fused else self.masks(positions, attn_len)  # the fused decode kernel masks itself
         slots = torch.arange(slot_start, slot_start + x.shape[0], device=x.device).unsqueeze(1)
         for layer in self.layers:
             x = layer(x, rope, masks, cache, slot_start, slots, positions, attn_len)

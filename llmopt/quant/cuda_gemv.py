@@ -1,12 +1,15 @@
-"""llmopt's CUDA C++ decode kernels: int8 and int4 weight-only matrix-vector products for 1-2 rows.
+"""llmopt's CUDA C++ decode kernels: int8 and int4 weight-only matmuls for decode's few rows.
 
 At decode's row counts a low-bit matmul is a stream of weight bytes, and Triton's tensor-core tiles
 spend more instructions per byte than the copy rate allows (int4: 19-35% of copy bandwidth on an
-H200, BENCHMARKS.md §5). ``csrc/gemv_cuda.cu`` reads 16-byte chunks of the weight with plain CUDA
-cores, turns integers into floats with byte permutes instead of conversion instructions and sums in
-fp32 with a fixed-order block reduction (deterministic); its header explains the arithmetic. It reads
-the Triton kernels' layouts, so ``triton_kernels.int8_matmul`` / ``int4_matmul`` call it for 1 or 2 rows
-and keep the Triton tiles for more rows (``GEMV_MAX_ROWS``); nothing is repacked.
+H200, BENCHMARKS.md §5). ``csrc/gemv_cuda.cu`` has two kinds of kernel (its header explains them):
+- CUDA-core matrix-vector kernels (int8 at 1-2 rows, int4 at 1): 16-byte chunks of the weight,
+  integers turned into floats with byte permutes instead of conversion instructions, fp32 sums;
+- an int4 tensor-core kernel for 2-8 rows: one mma tile of 16 channels x 8 rows, so 8 rows cost
+  what 2 do.
+Both sum in a fixed order (deterministic) and read the Triton kernels' layouts, so
+``triton_kernels.int8_matmul`` / ``int4_matmul`` call them up to ``INT8_MAX_ROWS`` / ``INT4_MAX_ROWS``
+rows and keep the Triton tiles for more; nothing is repacked.
 
 Build (``native_build``): the first call compiles the source with nvcc for the GPU's architecture
 (a few seconds; no torch headers, so no ninja or Python headers either) into llmopt's cache,
@@ -34,7 +37,10 @@ SOURCE = Path(__file__).parent / "csrc" / "gemv_cuda.cu"
 LIBRARY_NAME = "gemv_cuda"
 DISABLE_ENV = "LLMOPT_CUDA_GEMV"
 NVCC_FLAGS = ("-O3", "-std=c++20", "-shared", "-Xcompiler", "-fPIC", "-DNDEBUG")
-GEMV_MAX_ROWS = 2  # the kernels' row limit (csrc/gemv_cuda.cu: kMaxRows); Triton is faster from 3
+# Row limits (csrc/gemv_cuda.cu: kMaxRows, kMaxMmaRows): from 3 rows the Triton tiles beat the int8
+# CUDA-core kernel; int4 runs 2-8 rows on the tensor cores (K a multiple of 128), where one n8 tile ends.
+INT8_MAX_ROWS = 2
+INT4_MAX_ROWS = 8
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
@@ -80,7 +86,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.llmopt_int8_gemv.argtypes = [ptr, i32, ptr, ptr, i32, ptr, i32, i32, i32, i64, i64, ptr]
     lib.llmopt_int4_gemv.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, i32, i32, i32, i64, i64, ptr]
-    lib.llmopt_int8_gemv.restype = lib.llmopt_int4_gemv.restype = i32
+    lib.llmopt_int4_mma_gemv.argtypes = lib.llmopt_int4_gemv.argtypes
+    lib.llmopt_int8_gemv.restype = lib.llmopt_int4_gemv.restype = lib.llmopt_int4_mma_gemv.restype = i32
+    lib.llmopt_gemv_max_rows.argtypes = [i32]
     lib.llmopt_gemv_max_rows.restype = i32
     return lib
 
@@ -93,9 +101,11 @@ def _library(device_index: int) -> ctypes.CDLL | None:
         if seconds:
             print(f"llmopt: built the CUDA decode kernels in {seconds:.1f} s ({path})", file=sys.stderr)
         lib = load(path)
-        if lib.llmopt_gemv_max_rows() != GEMV_MAX_ROWS:
-            rows = lib.llmopt_gemv_max_rows()
-            raise BuildError(f"{path} takes {rows} rows, this module expects {GEMV_MAX_ROWS}")
+        limits = lib.llmopt_gemv_max_rows(0), lib.llmopt_gemv_max_rows(1)
+        if limits != (INT8_MAX_ROWS, INT4_MAX_ROWS):
+            raise BuildError(
+                f"{path} takes {limits} rows; this module expects {INT8_MAX_ROWS, INT4_MAX_ROWS}"
+            )
     except (BuildError, OSError) as exc:
         warnings.warn(
             f"llmopt's CUDA decode kernels are unavailable ({exc}); int8/int4 decode uses the slower "
@@ -110,18 +120,23 @@ def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "1") != "0"
 
 
+def _rows_ok(m: int, k: int, group: int | None) -> bool:
+    if group is None:  # int8
+        return 1 <= m <= INT8_MAX_ROWS and k % 16 == 0
+    group_ok = group >= 32 and group & (group - 1) == 0 and k % group == 0
+    return group_ok and (1 <= m <= 2 or (m <= INT4_MAX_ROWS and k % 128 == 0))
+
+
 def usable(x: torch.Tensor, weight: torch.Tensor, k: int, group: int | None = None) -> bool:
-    """Whether the CUDA kernels take this call: 1-2 rows of a bf16/fp16 CUDA x, K a multiple of 16
-    (int4: of the group, a power of two >= 32), a 16-byte aligned contiguous weight, and the library
-    builds here."""
+    """Whether the CUDA kernels take this call: a bf16/fp16 CUDA x of 1-2 rows with K a multiple of 16
+    (int8), or 1-8 rows (int4; group a power of two >= 32 dividing K; more than 2 rows need K a
+    multiple of 128); a 16-byte aligned contiguous weight; and the library builds here."""
     return (
         x.is_cuda
         and weight.is_contiguous()
         and weight.data_ptr() % 16 == 0
-        and 1 <= x.shape[0] <= GEMV_MAX_ROWS
         and x.dtype in _ACTIVATION_DTYPES
-        and k % 16 == 0
-        and (group is None or (group >= 32 and group & (group - 1) == 0 and k % group == 0))
+        and _rows_ok(x.shape[0], k, group)
         and enabled()
         and _library(x.device.index or 0) is not None
     )
@@ -161,7 +176,8 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
               out: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:  # fmt: skip
-    """``out = x @ dequant(W).T`` for the half-split int4 layout (triton_kernels.pack_int4_halves)."""
+    """``out = x @ dequant(W).T`` for the half-split int4 layout (triton_kernels.pack_int4_halves), x (M <= 8,
+    K): one row on the CUDA cores, more on the tensor cores."""
     assert usable(x, packed, packed.shape[1] * 2, group)
     lib = lib or _library(x.device.index or 0)
     assert lib is not None
@@ -172,4 +188,19 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
         zero.data_ptr(), out.data_ptr(), m, n, k, group, x.stride(0), out.stride(0), _stream(x),
     )  # fmt: skip
     _check(code, "int4")
+    return out
+
+
+def int4_mma_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                  out: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:  # fmt: skip
+    """As ``int4_gemv``, on the tensor cores at any row count 1-8 (K a multiple of 128): for sweeps."""
+    lib = lib or _library(x.device.index or 0)
+    assert lib is not None
+    x = _aligned(x)
+    (m, k), n = x.shape, packed.shape[0]
+    code = lib.llmopt_int4_mma_gemv(
+        x.data_ptr(), _DTYPE_CODES[x.dtype], packed.data_ptr(), scale.data_ptr(), _DTYPE_CODES[scale.dtype],
+        zero.data_ptr(), out.data_ptr(), m, n, k, group, x.stride(0), out.stride(0), _stream(x),
+    )  # fmt: skip
+    _check(code, "int4 tensor-core")
     return out

@@ -407,7 +407,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
     out = _prepare_out(x, n, out)
     if m == 0:
         return out
-    if config is None and cuda_gemv.usable(x, q, k):  # 1-2 rows: the CUDA-core decode kernel
+    if config is None and cuda_gemv.usable(x, q, k):  # decode rows: the CUDA kernels
         return cuda_gemv.int8_gemv(x, q, scale, out)
     if config is None and m >= W8A8_MIN_ROWS and int8_activations_enabled():
         return w8a8_matmul(x, q, scale, out=out)
@@ -503,7 +503,7 @@ def int4_matmul(
     out = _prepare_out(x, n, out)
     if m == 0:
         return out
-    if config is None and cuda_gemv.usable(x, packed, k, group):  # 1-2 rows: the CUDA-core decode kernel
+    if config is None and cuda_gemv.usable(x, packed, k, group):  # decode rows: the CUDA kernels
         return cuda_gemv.int4_gemv(x, packed, scale, zero, group, out)
     if _use_dequant(m, config):
         return torch.mm(x, int4_dequantize(packed, scale, zero, group, x.dtype).T, out=out)

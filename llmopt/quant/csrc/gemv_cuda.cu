@@ -1,4 +1,5 @@
-// llmopt's weight-only int8 / int4 matrix-vector kernels for decode (1 or 2 rows of x) on NVIDIA GPUs.
+// llmopt's weight-only int8 / int4 matrix-vector kernels for decode on NVIDIA GPUs: int8 at 1-2 rows of
+// x and int4 at 1 row on the CUDA cores; int4 at 2-8 rows on the tensor cores (see int4_mma_kernel).
 //
 // out[m, n] = sum_k x[m, k] * dequant(W)[n, k] for a few rows m. At these row counts the matmul is a
 // stream of the weight's bytes, so the kernel is built around reading them at the copy rate and doing
@@ -275,6 +276,159 @@ __global__ void __launch_bounds__(kThreads) int4_gemv_kernel(const T* __restrict
   if (team.writer && lane < R * M && m < m_rows && team.n0 + r < n) out[m * ldo + team.n0 + r] = from_float<T>(total);
 }
 
+// ---- int4 on the tensor cores (1 to 8 rows of x) ----
+// A warp computes a 16-channel x 8-row tile with mma.sync m16n8k16 (fp32 sums); the block's WARPS
+// warps split K and their tiles are summed in warp order. Thread t (g = t / 4, tig = t % 4) loads 16
+// bytes of channels g and g + 8 at byte 16 * tig of each 64-byte chunk: four words, each 4 bytes of
+// one group. A word's low nibbles are 4 consecutive inputs, its high nibbles the 4 inputs half a group
+// later, so each word feeds two mma steps. The mma's k slots need not be consecutive inputs: thread
+// tig's slots 2tig, 2tig + 1 take the word's bytes 0, 1 and slots 2tig + 8, 2tig + 9 bytes 2, 3, and
+// the x operand is loaded at the same inputs (x[g, i .. i + 3], one 8-byte load), so A and B agree.
+// Nibbles become 16-bit floats with a byte permute and one logic op (0x4300 | nib = 128 + nib in
+// bf16, 0x6400 | nib = 1024 + nib in fp16), then (v - (offset + zero)) * scale, exactly as the Triton
+// kernels dequantize (one rounding, in the activation's type).
+template <typename T>
+struct Half2Ops;
+template <>
+struct Half2Ops<__nv_bfloat16> {
+  using V = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each half
+  static constexpr float kOffset = 128.0f;
+  __device__ static V dequant(uint32_t bits, V zero, V scale) {
+    return __hmul2(__hsub2(*reinterpret_cast<V*>(&bits), zero), scale);
+  }
+  __device__ static V pair(float v) { return __float2bfloat162_rn(v); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct Half2Ops<__half> {
+  using V = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half
+  static constexpr float kOffset = 1024.0f;
+  __device__ static V dequant(uint32_t bits, V zero, V scale) {
+    return __hmul2(__hsub2(*reinterpret_cast<V*>(&bits), zero), scale);
+  }
+  __device__ static V pair(float v) { return __float2half2_rn(v); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Nibbles of bytes 2p and 2p + 1 of `word` (low nibbles, or high with `high`) as a 16-bit pair
+// magic + nibble.
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t word, int p, bool high, uint32_t magic) {
+  uint32_t t = __byte_perm(word, 0u, p == 0 ? 0x4140u : 0x4342u);  // bytes 2p, 2p+1 -> halves 0, 1
+  if (high) t >>= 4;
+  return (t & 0x000F000Fu) | magic;
+}
+
+template <typename T, int WARPS, int U>
+__global__ void __launch_bounds__(WARPS * 32) int4_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
+                                                            const void* __restrict__ scale, int scale_dtype,
+                                                            const uint8_t* __restrict__ zero, T* __restrict__ out,
+                                                            int m_rows, int n, int k, int group, int64_t ldx,
+                                                            int64_t ldo) {
+  using Ops = Half2Ops<T>;
+  using V = typename Ops::V;
+  __shared__ float partial[WARPS][32][4];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+  const int row_a = blockIdx.x * 16 + g, row_b = row_a + 8;
+  const bool ok_a = row_a < n, ok_b = row_b < n, x_ok = g < m_rows;
+  const int64_t row_bytes = k / 2;
+  const int half_group = group / 2, groups = k / group, chunks = k / 128;  // a chunk: 64 bytes of a row
+  const T* x_row = x + (x_ok ? g : 0) * ldx;
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int base = warp; base < chunks; base += WARPS * U) {
+    uint4 wa[U], wb[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int chunk = base + u * WARPS;
+      const int64_t offset = (int64_t)chunk * 64 + 16 * tig;
+      wa[u] = chunk < chunks && ok_a ? load_stream(w + row_a * row_bytes + offset) : make_uint4(0, 0, 0, 0);
+      wb[u] = chunk < chunks && ok_b ? load_stream(w + row_b * row_bytes + offset) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int chunk = base + u * WARPS;
+      if (chunk >= chunks) break;
+      const int byte = chunk * 64 + 16 * tig;
+      const int grp = byte / half_group;
+      const int lo = grp * group + byte % half_group;  // the thread's first low-nibble input
+      const int64_t sa = (int64_t)(ok_a ? row_a : 0) * groups + grp, sb = (int64_t)(ok_b ? row_b : 0) * groups + grp;
+      const V scale_a = Ops::pair(load_scalar(scale, sa, scale_dtype));
+      const V scale_b = Ops::pair(load_scalar(scale, sb, scale_dtype));
+      const V zero_a = Ops::pair(Ops::kOffset + (float)zero[sa]);
+      const V zero_b = Ops::pair(Ops::kOffset + (float)zero[sb]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t word_a = word_of(wa[u], j), word_b = word_of(wb[u], j);
+#pragma unroll
+        for (int high = 0; high < 2; ++high) {
+          const int input = lo + high * half_group + 4 * j;
+          const uint2 xv = x_ok ? *reinterpret_cast<const uint2*>(x_row + input) : make_uint2(0, 0);
+          uint32_t a[4];
+          V v;
+          v = Ops::dequant(nibble_pair(word_a, 0, high, Ops::kMagic), zero_a, scale_a);
+          a[0] = *reinterpret_cast<uint32_t*>(&v);
+          v = Ops::dequant(nibble_pair(word_b, 0, high, Ops::kMagic), zero_b, scale_b);
+          a[1] = *reinterpret_cast<uint32_t*>(&v);
+          v = Ops::dequant(nibble_pair(word_a, 1, high, Ops::kMagic), zero_a, scale_a);
+          a[2] = *reinterpret_cast<uint32_t*>(&v);
+          v = Ops::dequant(nibble_pair(word_b, 1, high, Ops::kMagic), zero_b, scale_b);
+          a[3] = *reinterpret_cast<uint32_t*>(&v);
+          Ops::mma(c, a, xv.x, xv.y);
+        }
+      }
+    }
+  }
+  if constexpr (WARPS > 1) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][lane][i] = c[i];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      c[i] = 0.0f;
+#pragma unroll
+      for (int v = 0; v < WARPS; ++v) c[i] += partial[v][lane][i];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // c[i]: channel g (+ 8 for i >= 2), x row 2 * tig + (i & 1)
+    const int row = i < 2 ? row_a : row_b, col = 2 * tig + (i & 1);
+    if (row < n && col < m_rows) out[col * ldo + row] = from_float<T>(c[i]);
+  }
+}
+
+// 8 warps per block, one chunk in flight per thread: within 10% of the best of 9 shapes on every
+// Llama-3-8B layer at 1-8 rows on an H200 (examples/gpu_lowbit_kernels.py gemv-mma). -D overrides.
+#ifndef MMA_WARPS
+#define MMA_WARPS 8
+#endif
+#ifndef MMA_UNROLL
+#define MMA_UNROLL 1
+#endif
+
+template <typename T>
+cudaError_t launch_int4_mma(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero,
+                            void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
+  const dim3 grid((n + 15) / 16);
+  int4_mma_kernel<T, MMA_WARPS, MMA_UNROLL><<<grid, MMA_WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const uint8_t*>(w), scale, scale_dtype, static_cast<const uint8_t*>(zero),
+      static_cast<T*>(out), m, n, k, group, ldx, ldo);
+  return cudaGetLastError();
+}
+
 // The work's shape per row count (rows per team R, chunks in flight U, warps per team KSPLIT), from a
 // sweep of 36 shapes on an H200 over Llama-3-8B's layers (examples/gpu_lowbit_kernels.py gemv;
 // BENCHMARKS.md §5): each is within 5% of the best shape on every layer. Past 2 rows the FMAs per
@@ -299,7 +453,8 @@ template <int M>
 using Int4Shape = std::conditional_t<M == 1, WorkShape<4, 1, 2>, WorkShape<4, 2, 1>>;
 #endif
 
-constexpr int kMaxRows = 2;
+constexpr int kMaxRows = 2;      // the CUDA-core kernels
+constexpr int kMaxMmaRows = 8;   // the int4 tensor-core kernel: one n8 tile
 
 template <typename T, int M>
 cudaError_t launch_int8(const void* x, const void* w, const void* scale, int scale_dtype, void* out, int m, int n,
@@ -340,8 +495,8 @@ cudaError_t dispatch(int x_dtype, int m, Launch launch) {
 
 extern "C" {
 
-// The largest row count the kernels take.
-int llmopt_gemv_max_rows() { return kMaxRows; }
+// The largest row count llmopt_int8_gemv (scheme 0) and llmopt_int4_gemv (scheme 1) take.
+int llmopt_gemv_max_rows(int scheme) { return scheme == 0 ? kMaxRows : kMaxMmaRows; }
 
 // out (m, n) = x (m, k) @ (q * scale[:, None]).T; q (n, k) int8 row-major, k a multiple of 16, x and out
 // rows 16-byte aligned with leading dimensions ldx / ldo (elements). dtypes: 1 = bf16, 2 = fp16 (x and
@@ -356,16 +511,41 @@ int llmopt_int8_gemv(const void* x, int x_dtype, const void* q, const void* scal
 }
 
 // out (m, n) = x (m, k) @ dequant(W).T for the half-split int4 layout: packed (n, k/2) bytes, scale and
-// zero (n, k/group), zero stored as zp + 8; group a power of two >= 32 dividing k.
+// zero (n, k/group), zero stored as zp + 8; group a power of two >= 32 dividing k. One row runs on the
+// CUDA cores; 2 to 8 rows on the tensor cores when k is a multiple of 128 (else 2 rows on the CUDA
+// cores, and more are refused).
+int llmopt_int4_gemv(const void* x, int x_dtype, const void* packed, const void* scale, int scale_dtype,
+                     const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
+                     void* stream);
+int llmopt_int4_mma_gemv(const void* x, int x_dtype, const void* packed, const void* scale, int scale_dtype,
+                         const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
+                         void* stream);
+
 int llmopt_int4_gemv(const void* x, int x_dtype, const void* packed, const void* scale, int scale_dtype,
                      const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
                      void* stream) {
   if (group < 32 || (group & (group - 1)) != 0 || k % group != 0) return cudaErrorInvalidValue;
+  if (m >= 2 && k % 128 == 0) {
+    return llmopt_int4_mma_gemv(x, x_dtype, packed, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
+  }
   auto launch = [&]<typename T, int M>() {
     return launch_int4<T, M>(x, packed, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo,
                              static_cast<cudaStream_t>(stream));
   };
   return dispatch(x_dtype, m, launch);
+}
+
+// llmopt_int4_gemv on the tensor cores at any of 1 to 8 rows (k a multiple of 128); sweeps call it directly.
+int llmopt_int4_mma_gemv(const void* x, int x_dtype, const void* packed, const void* scale, int scale_dtype,
+                         const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
+                         void* stream) {
+  if (group < 32 || (group & (group - 1)) != 0 || k % group != 0 || k % 128 != 0 || m < 1 || m > kMaxMmaRows) {
+    return cudaErrorInvalidValue;
+  }
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (x_dtype == kBFloat16) return launch_int4_mma<__nv_bfloat16>(x, packed, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s);
+  if (x_dtype == kFloat16) return launch_int4_mma<__half>(x, packed, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s);
+  return cudaErrorInvalidValue;
 }
 
 }  // extern "C"
