@@ -1,6 +1,10 @@
 """Triton kernels for weight-only int8 and int4 matmuls on the GPU.
 
-One kernel family serves every row count: a tile of ``BLOCK_M`` rows of ``x`` meets a tile of
+``int8_matmul`` / ``int4_matmul`` are llmopt's GPU low-bit matmuls. Decode's few rows go first to
+the CUDA C++ kernels of ``cuda_gemv`` (int8 at 1-2 rows, int4 at 1-8; faster there, BENCHMARKS.md §5)
+when nvcc can build them; everything else runs here.
+
+One Triton kernel family serves every row count: a tile of ``BLOCK_M`` rows of ``x`` meets a tile of
 the low-bit weight that is loaded as integers, dequantized in registers and fed to ``tl.dot``
 (tensor cores). Weights are read once per row tile, at their stored width, so decode (1–16 rows)
 is bound by reading int8/int4 bytes instead of bf16 ones. When the output is too narrow to give
@@ -562,7 +566,10 @@ def _runs_here(device: torch.device) -> bool:
 
 
 class TritonInt8Kernel(RowMajorQuantKernel):
-    name = "llmopt.triton_int8_mm"
+    """``llmopt::int8_mm``: decode rows through the CUDA kernels (cuda_gemv) where they build, the
+    Triton tiles otherwise and for more rows, cuBLAS on a dequantized copy for prefill."""
+
+    name = "llmopt.int8_mm"
     scheme = "int8"
 
     def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
@@ -583,7 +590,9 @@ class TritonInt8Kernel(RowMajorQuantKernel):
 
 
 class TritonInt4Kernel(RowMajorQuantKernel):
-    name = "llmopt.triton_int4_mm"
+    """``llmopt::int4_mm``: as TritonInt8Kernel, for the half-split int4 layout."""
+
+    name = "llmopt.int4_mm"
     scheme = "int4"
 
     def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
