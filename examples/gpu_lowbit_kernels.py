@@ -499,8 +499,8 @@ def part_gemv(mma: bool) -> dict:
                         if scheme == "int8":
                             cuda_gemv.int8_gemv(x, bb["weight_int8"], bb["scales"], out, lib=lib)
                         else:
-                            call = cuda_gemv.int4_mma_gemv if mma else cuda_gemv.int4_gemv
-                            call(x, bb["weight_int4"], bb["scales"], bb["zeros"], GROUP, out, lib=lib)
+                            cuda_gemv.int4_gemv(x, bb["weight_int4"], bb["scales"], bb["zeros"], GROUP, out,
+                                                lib=lib, tensor_cores=mma)  # fmt: skip
 
                     out.fill_(float("nan"))
                     run(0)

@@ -47,3 +47,23 @@ def test_missing_compiler_warns_and_falls_back(tmp_path, monkeypatch):
             assert cuda_gemv._library(0) is None
     finally:
         cuda_gemv._library.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "group", "expected"),
+    [
+        (1, 4096, None, True),  # int8: 1-2 rows, K a multiple of 16
+        (2, 4096, None, True),
+        (3, 4096, None, False),  # the Triton tiles are faster from 3 rows
+        (1, 4104, None, False),
+        (1, 4096, 128, True),  # int4 one row: the CUDA-core kernel
+        (2, 96, 32, True),  # two rows, K not a multiple of 128: still the CUDA-core kernel
+        (3, 96, 32, False),  # the tensor-core kernel needs K a multiple of 128
+        (8, 4096, 128, True),
+        (9, 4096, 128, False),  # one n8 tile
+        (1, 4096, 48, False),  # group not a power of two
+        (1, 4096, 16, False),  # group below 32
+    ],
+)
+def test_row_and_shape_limits(m, k, group, expected):
+    assert cuda_gemv._rows_ok(m, k, group) is expected

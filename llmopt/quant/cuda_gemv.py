@@ -166,41 +166,38 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.
     assert lib is not None
     x = _aligned(x)
     (m, k), n = x.shape, q.shape[0]
-    code = lib.llmopt_int8_gemv(
-        x.data_ptr(), _DTYPE_CODES[x.dtype], q.data_ptr(), scale.data_ptr(), _DTYPE_CODES[scale.dtype],
-        out.data_ptr(), m, n, k, x.stride(0), out.stride(0), _stream(x),
-    )  # fmt: skip
+    with torch.cuda.device(x.device):  # the library launches on the calling thread's current device
+        code = lib.llmopt_int8_gemv(
+            x.data_ptr(), _DTYPE_CODES[x.dtype], q.data_ptr(), scale.data_ptr(), _DTYPE_CODES[scale.dtype],
+            out.data_ptr(), m, n, k, x.stride(0), out.stride(0), _stream(x),
+        )  # fmt: skip
     _check(code, "int8")
     return out
 
 
-def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-              out: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:  # fmt: skip
+def int4_gemv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group: int,
+    out: torch.Tensor,
+    lib: ctypes.CDLL | None = None,
+    tensor_cores: bool = False,
+) -> torch.Tensor:
     """``out = x @ dequant(W).T`` for the half-split int4 layout (triton_kernels.pack_int4_halves), x (M <= 8,
-    K): one row on the CUDA cores, more on the tensor cores."""
-    assert usable(x, packed, packed.shape[1] * 2, group)
+    K): one row on the CUDA cores, more on the tensor cores. ``tensor_cores`` forces the tensor-core
+    kernel at any row count (K a multiple of 128; for sweeps), ``lib`` another build of the library."""
     lib = lib or _library(x.device.index or 0)
-    assert lib is not None
+    assert lib is not None and (tensor_cores or usable(x, packed, packed.shape[1] * 2, group))
     x = _aligned(x)
     (m, k), n = x.shape, packed.shape[0]
-    code = lib.llmopt_int4_gemv(
-        x.data_ptr(), _DTYPE_CODES[x.dtype], packed.data_ptr(), scale.data_ptr(), _DTYPE_CODES[scale.dtype],
-        zero.data_ptr(), out.data_ptr(), m, n, k, group, x.stride(0), out.stride(0), _stream(x),
-    )  # fmt: skip
+    entry = lib.llmopt_int4_mma_gemv if tensor_cores else lib.llmopt_int4_gemv
+    with torch.cuda.device(x.device):
+        code = entry(
+            x.data_ptr(), _DTYPE_CODES[x.dtype], packed.data_ptr(), scale.data_ptr(),
+            _DTYPE_CODES[scale.dtype], zero.data_ptr(), out.data_ptr(), m, n, k, group, x.stride(0),
+            out.stride(0), _stream(x),
+        )  # fmt: skip
     _check(code, "int4")
-    return out
-
-
-def int4_mma_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
-                  out: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:  # fmt: skip
-    """As ``int4_gemv``, on the tensor cores at any row count 1-8 (K a multiple of 128): for sweeps."""
-    lib = lib or _library(x.device.index or 0)
-    assert lib is not None
-    x = _aligned(x)
-    (m, k), n = x.shape, packed.shape[0]
-    code = lib.llmopt_int4_mma_gemv(
-        x.data_ptr(), _DTYPE_CODES[x.dtype], packed.data_ptr(), scale.data_ptr(), _DTYPE_CODES[scale.dtype],
-        zero.data_ptr(), out.data_ptr(), m, n, k, group, x.stride(0), out.stride(0), _stream(x),
-    )  # fmt: skip
-    _check(code, "int4 tensor-core")
     return out
