@@ -3,8 +3,9 @@
 The kernels themselves run only on a GPU: examples/gpu_lowbit_kernels.py ``check`` compares them with
 a float64 reference there (odd shapes, NaN-poisoned outputs, a second run bit-identical) before any
 timing. Here: the source compiles with nvcc where nvcc is installed (this machine type has it), the
-library loads and agrees with the Python side on its row limits, CPU tensors never reach it, and a
-missing compiler gives one warning and the Triton path instead of an error.
+library loads and agrees with the Python side on its row limits, CPU tensors never reach it, the
+row/shape limits, the load-time self-test's cases and tolerance (against stand-in kernels), and that
+a missing compiler or a pre-Ampere GPU gives one warning and the Triton path instead of an error.
 """
 
 from __future__ import annotations
@@ -67,3 +68,48 @@ def test_missing_compiler_warns_and_falls_back(tmp_path, monkeypatch):
 )
 def test_row_and_shape_limits(m, k, group, expected):
     assert cuda_gemv._rows_ok(m, k, group) is expected
+
+
+def _unpack_int4_halves(packed: torch.Tensor, group: int) -> torch.Tensor:
+    """The (N, K) nibbles (q + 8) of triton_kernels.pack_int4_halves' layout."""
+    n, half_k = packed.shape
+    g = packed.view(n, -1, group // 2).to(torch.int16)
+    return torch.cat([g & 0xF, g >> 4], dim=2).reshape(n, 2 * half_k)
+
+
+def _reference_kernels(monkeypatch, error: float = 0.0) -> None:
+    """Stand-ins for the library's two entry points that compute what the kernels must (times 1 +
+    error), so the self-test's cases and tolerance can be checked without a GPU."""
+
+    def int8(x, q, scale, out, lib=None):
+        out.copy_((x.double() @ (q.double() * scale.double()[:, None]).T) * (1 + error))
+
+    def int4(x, packed, scale, zero, group, out, lib=None, tensor_cores=False):
+        nib = _unpack_int4_halves(packed, group).double()
+        n, k = nib.shape
+        w = (nib.view(n, -1, group) - zero.double().view(n, -1, 1)) * scale.double().view(n, -1, 1)
+        out.copy_((x.double() @ w.view(n, k).T) * (1 + error))
+
+    monkeypatch.setattr(cuda_gemv, "int8_gemv", int8)
+    monkeypatch.setattr(cuda_gemv, "int4_gemv", int4)
+
+
+def test_self_test_passes_correct_kernels(monkeypatch):
+    _reference_kernels(monkeypatch)
+    cuda_gemv._self_test(None, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def test_self_test_rejects_wrong_kernels(monkeypatch):
+    _reference_kernels(monkeypatch, error=0.05)
+    with pytest.raises(cuda_gemv._Unusable, match="self-test"):
+        cuda_gemv._self_test(None, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def test_gpus_before_ampere_are_declined_with_a_warning(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    cuda_gemv._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="compute capability 7.5"):
+            assert cuda_gemv._library(0) is None
+    finally:
+        cuda_gemv._library.cache_clear()

@@ -56,8 +56,17 @@ def _nvcc() -> str | None:
     )
 
 
+class _Unusable(Exception):
+    """The library cannot serve this device (too old, or it failed its self-test)."""
+
+
+MIN_CAPABILITY = (8, 0)  # bf16 arithmetic and the int4 kernel's mma.sync shape
+
+
 def _arch(device_index: int) -> str:
     major, minor = torch.cuda.get_device_capability(device_index)
+    if (major, minor) < MIN_CAPABILITY:
+        raise _Unusable(f"the GPU's compute capability {major}.{minor} is below 8.0")
     return f"sm_{major}{minor}"
 
 
@@ -95,7 +104,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 @functools.cache
 def _library(device_index: int) -> ctypes.CDLL | None:
-    """The loaded library for this device's architecture, or None (warned once) when it cannot be."""
+    """The loaded library for this device's architecture, or None (warned once) when it cannot be
+    built, loaded, or fails its self-test here."""
     try:
         path, seconds = build_library(_arch(device_index))
         if seconds:
@@ -103,10 +113,10 @@ def _library(device_index: int) -> ctypes.CDLL | None:
         lib = load(path)
         limits = lib.llmopt_gemv_max_rows(0), lib.llmopt_gemv_max_rows(1)
         if limits != (INT8_MAX_ROWS, INT4_MAX_ROWS):
-            raise BuildError(
-                f"{path} takes {limits} rows; this module expects {INT8_MAX_ROWS, INT4_MAX_ROWS}"
-            )
-    except (BuildError, OSError) as exc:
+            raise _Unusable(f"{path} takes {limits} rows; this module expects {INT8_MAX_ROWS, INT4_MAX_ROWS}")
+        if not torch.cuda.is_current_stream_capturing():  # a test launch must not land in a graph
+            _self_test(lib, torch.device("cuda", device_index))
+    except (BuildError, OSError, _Unusable) as exc:
         warnings.warn(
             f"llmopt's CUDA decode kernels are unavailable ({exc}); int8/int4 decode uses the slower "
             "Triton kernels. To fix: install CUDA's compiler (nvcc, matching the driver) or set CUDA_HOME.",
@@ -114,6 +124,40 @@ def _library(device_index: int) -> ctypes.CDLL | None:
         )
         return None
     return lib
+
+
+def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
+    """One small product per kernel (int8 at one row; int4 at one row and at three, the tensor-core
+    kernel) against float64, so that a build this GPU or driver cannot run is caught at load time,
+    with a warning, rather than in the middle of a decode."""
+    from llmopt.quant.triton_kernels import pack_int4_halves  # (imports this module)
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, group = 48, 256, 64
+    x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
+    q8, q4 = torch.randint(-127, 128, (n, k), generator=gen), torch.randint(-8, 8, (n, k), generator=gen)
+    s8, s4 = torch.rand(n, generator=gen) / 64, torch.rand(n, k // group, generator=gen) / 8
+    z4 = torch.randint(-8, 8, (n, k // group), generator=gen)
+    w4 = (q4.double().view(n, -1, group) - z4.double().view(n, -1, 1)) * s4.double().view(n, -1, 1)
+    cases = [
+        (1, q8.double() * s8.double()[:, None], lambda xs, out: int8_gemv(
+            xs, q8.to(device, torch.int8), s8.to(device, torch.bfloat16), out, lib=lib)),
+    ] + [
+        (rows, w4.view(n, k), lambda xs, out: int4_gemv(
+            xs, pack_int4_halves(q4.to(device), group), s4.to(device, torch.bfloat16),
+            (z4 + 8).to(device, torch.uint8), group, out, lib=lib))
+        for rows in (1, 3)
+    ]  # fmt: skip
+    try:
+        for rows, weight, run in cases:
+            out = torch.full((rows, n), float("nan"), device=device, dtype=torch.bfloat16)
+            run(x[:rows].to(device), out)
+            ref = x[:rows].double() @ weight.T
+            err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+            if not err < 2e-2:  # bf16 rounding is ~4e-3; NaN (an unwritten output) fails too
+                raise _Unusable(f"self-test: {rows}-row product off by {err:.1e} relative")
+    except RuntimeError as exc:  # a launch the driver refused
+        raise _Unusable(f"self-test: {exc}") from exc
 
 
 def enabled() -> bool:
@@ -160,9 +204,10 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
               lib: ctypes.CDLL | None = None) -> torch.Tensor:  # fmt: skip
     """``out = x @ (q * scale[:, None]).T`` for x (M <= 2, K) bf16/fp16, q (N, K) int8, scale (N,).
-    ``lib``: another build of the library (sweeps)."""
-    assert usable(x, q, q.shape[1])
-    lib = lib or _library(x.device.index or 0)
+    ``lib``: another build of the library (sweeps, the self-test), else the checked one."""
+    if lib is None:
+        assert usable(x, q, q.shape[1])
+        lib = _library(x.device.index or 0)
     assert lib is not None
     x = _aligned(x)
     (m, k), n = x.shape, q.shape[0]
@@ -188,8 +233,10 @@ def int4_gemv(
     """``out = x @ dequant(W).T`` for the half-split int4 layout (triton_kernels.pack_int4_halves), x (M <= 8,
     K): one row on the CUDA cores, more on the tensor cores. ``tensor_cores`` forces the tensor-core
     kernel at any row count (K a multiple of 128; for sweeps), ``lib`` another build of the library."""
-    lib = lib or _library(x.device.index or 0)
-    assert lib is not None and (tensor_cores or usable(x, packed, packed.shape[1] * 2, group))
+    if lib is None:
+        assert tensor_cores or usable(x, packed, packed.shape[1] * 2, group)
+        lib = _library(x.device.index or 0)
+    assert lib is not None
     x = _aligned(x)
     (m, k), n = x.shape, packed.shape[0]
     entry = lib.llmopt_int4_mma_gemv if tensor_cores else lib.llmopt_int4_gemv
