@@ -1,8 +1,6 @@
 """CPU int8 decode of smollm2-135m: llmopt's C++ kernel and engine against the usual recipes.
 
     python examples/cpu_int8_bench.py kernels  # per-shape µs and GB/s: llmopt's kernel vs torch's int8 op
-    python examples/cpu_int8_bench.py int4     # per-shape µs: llmopt's int4 kernel vs torch's int4 op
-                                               # and llmopt's int8 kernel (group 64)
     python examples/cpu_int8_bench.py e2e      # tok/s and perplexity of (a)-(d) below, plus a profiled step
     python examples/cpu_int8_bench.py all      # both (default); --out FILE.json (default cpu-int8-bench.json)
 
@@ -108,49 +106,6 @@ def bench_kernels(rows: tuple[int, ...]) -> list[dict[str, Any]]:
                 f"M={m:2d} {label:14s} {n:6d}x{k:<5d} llmopt fp32 {row['llmopt_fp32_us']:8.1f} us "
                 f"({row['llmopt_fp32_gb_s']:5.1f} GB/s)  aten bf16 {row['aten_bf16_us']:8.1f} us "
                 f"({row['aten_bf16_gb_s']:5.1f} GB/s)"
-            )
-    return results
-
-
-def bench_int4_kernels(rows: tuple[int, ...], group: int = 64) -> list[dict[str, Any]]:
-    """Per shape: llmopt's int4 kernel (fp32 and bf16 activations) against torch's int4 CPU op (bf16
-    activations: what llmopt used before) and llmopt's int8 kernel, weights cycled from memory."""
-    from llmopt.quant import cpu_kernels
-    from llmopt.quant.kernels import AtenInt4Kernel, LayerShape
-    from llmopt.quant.schemes import quantize_int4
-
-    if not cpu_kernels.ready():
-        raise SystemExit("llmopt's CPU kernels are not available here (see the warning above).")
-    cpu, results = torch.device("cpu"), []
-    int4, aten = functools.partial(cpu_kernels.int4_linear, group=group), AtenInt4Kernel()
-    for m in rows:
-        for label, n, k in SHAPES:
-            torch.manual_seed(n + k + m)
-            shape = LayerShape("int4", k, n, group)
-            copies = max(4, min(400, STREAM_BYTES // (n * k // 2)))
-            q, scale, zp = quantize_int4(torch.randn(n, k) * 0.05, group, torch.float32)
-            mine = cpu_kernels.CpuInt4Kernel().prepare(q, scale, zp, shape, cpu, torch.float32)
-            theirs = aten.prepare(q, scale, zp, shape, cpu, torch.float32)
-            mines = [{key: t.clone() for key, t in mine.items()} for _ in range(copies)]
-            theirs_list = [{key: t.clone() for key, t in theirs.items()} for _ in range(copies)]
-            int8s = [cpu_kernels.pack_int8(torch.randint(-127, 128, (n, k), dtype=torch.int8)) for _ in mines]
-            x, scale8 = torch.randn(m, k), torch.rand(n) + 0.5
-            xb = x.bfloat16()
-            row: dict[str, Any] = {"shape": label, "N": n, "K": k, "M": m, "group": group}
-            timings = {
-                "llmopt_int4_fp32_us": (lambda b, x=x: int4(x, *b.values()), mines),
-                "llmopt_int4_bf16_us": (lambda b, x=xb: int4(x, *b.values()), mines),
-                "aten_int4_bf16_us": (lambda b, x=x, sh=shape: aten.matmul(x, b, sh), theirs_list),
-                "llmopt_int8_fp32_us": (lambda w, x=x, s8=scale8: cpu_kernels.int8_linear(x, w, s8), int8s),
-            }
-            for key, (fn, items) in timings.items():
-                row[key] = 1e6 * _time_cycled(fn, items)
-            row["int4_gb_s"] = n * k / 2 / (row["llmopt_int4_fp32_us"] * 1e-6) / 1e9
-            results.append(row)
-            log(
-                f"M={m:2d} {label:14s} {n:6d}x{k:<5d} int4 llmopt {row['llmopt_int4_fp32_us']:8.1f} us "
-                f"({row['int4_gb_s']:5.1f} GB/s)  aten int4 {row['aten_int4_bf16_us']:8.1f} us  "
-                f"llmopt int8 {row['llmopt_int8_fp32_us']:8.1f} us"
             )
     return results
 
@@ -390,7 +345,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("part", nargs="?", default="all", choices=["kernels", "int4", "e2e", "all"])
+    parser.add_argument("part", nargs="?", default="all", choices=["kernels", "e2e", "all"])
     parser.add_argument("--out", default="cpu-int8-bench.json")
     parser.add_argument("--rows", default="1,4,16", help="M values for the kernel table")
     parser.add_argument("--no-quality", action="store_true", help="skip the perplexity evaluations (~5 min)")
@@ -402,8 +357,6 @@ def main() -> None:
     if args.part in ("kernels", "all"):
         result["kernels"] = bench_kernels(tuple(int(m) for m in args.rows.split(",")))
         print(kernel_table(result["kernels"]), flush=True)
-    if args.part == "int4":
-        result["int4_kernels"] = bench_int4_kernels(tuple(int(m) for m in args.rows.split(",")))
     if args.part in ("e2e", "all"):
         result["e2e"] = bench_e2e(not args.no_quality, args.warm_inductor_cache)
         print(e2e_table(result["e2e"]), flush=True)

@@ -65,15 +65,14 @@ def test_quant_linear_holds_no_float_weight():
 
 def test_shapes_no_kernel_fits_use_the_fallback_with_a_warning():
     torch.manual_seed(3)
-    # Groups of 21: odd (llmopt's CPU int4 kernel takes even groups) and not one torch's op takes.
-    w, x = torch.randn(40, 63) * 0.05, torch.randn(3, 63)
-    q, scale, zp = quantize_int4(w, 21, torch.bfloat16)
+    w, x = torch.randn(40, 64) * 0.05, torch.randn(3, 64)  # 40 rows: the CPU int4 op needs multiples of 16
+    q, scale, zp = quantize_int4(w, 32, torch.bfloat16)
     with pytest.warns(UserWarning, match="slow"):
         layer = QuantLinear.from_quantized(
-            LayerShape("int4", 63, 40, 21), q, scale, zp, None, CPU, torch.float32
+            LayerShape("int4", 64, 40, 32), q, scale, zp, None, CPU, torch.float32
         )
     assert layer.kernel.name == "llmopt.dequantize_then_matmul"
-    assert rel_err(layer(x), x.double() @ dequantize_int4(q, scale, zp, 21).double().T) < 1e-5
+    assert rel_err(layer(x), x.double() @ dequantize_int4(q, scale, zp, 32).double().T) < 1e-5
 
 
 def test_int8_cpu_many_rows_keep_fp32_activations():

@@ -38,10 +38,8 @@ from llmopt.quant.native_build import BuildError, build_folder, tool_version
 BLOCK = 16  # output channels per packed block (the kernel's vector width in fp32 lanes)
 SOURCES = (
     Path(__file__).parent / "csrc" / "int8_linear_cpu.cpp",
-    Path(__file__).parent / "csrc" / "int4_linear_cpu.cpp",
     Path(__file__).parent / "csrc" / "decode_cpu.cpp",  # rms_norm and decode attention for the engine
 )
-HEADERS = (Path(__file__).parent / "csrc" / "cpu_common.h",)
 LIBRARY_NAME = "int8_linear_cpu"
 DISABLE_ENV = "LLMOPT_CPU_KERNELS"  # "0": never build or use llmopt's CPU kernels
 CXX_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-DNDEBUG", "-Wno-c++20-extensions")
@@ -99,7 +97,7 @@ def build_dir() -> Path:
     """Where this source, compiler, torch and CPU ISA build to (inside llmopt's cache)."""
     cxx = _compiler() or "none"
     return build_folder("cpp", LIBRARY_NAME, (
-        *(source.read_bytes() for source in (*SOURCES, *HEADERS)),
+        *(source.read_bytes() for source in SOURCES),
         tool_version(cxx),
         " ".join(CXX_FLAGS),
         torch.__version__,
@@ -129,7 +127,7 @@ def _load() -> str | None:
     except BuildError as exc:
         return str(exc)
     if seconds:
-        print(f"llmopt: built the CPU kernels in {seconds:.1f} s ({path})", file=sys.stderr)
+        print(f"llmopt: built the CPU int8 kernel in {seconds:.1f} s ({path})", file=sys.stderr)
     try:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as exc:
@@ -137,17 +135,11 @@ def _load() -> str | None:
     if torch.ops.llmopt.int8_linear_cpu_isa() == 0:
         return "this CPU has neither AVX-512 nor AVX2+FMA"
     torch.library.register_fake("llmopt::int8_linear_cpu")(_int8_linear_fake)
-    torch.library.register_fake("llmopt::int4_linear_cpu")(_int4_linear_fake)
     return None
 
 
 def _int8_linear_fake(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], scale.shape[0]))
-
-
-def _int4_linear_fake(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group: int) -> torch.Tensor:  # fmt: skip
-    return x.new_empty((x.shape[0], scales.shape[0]))
 
 
 @functools.cache
@@ -246,99 +238,10 @@ class CpuInt8Kernel(QuantKernel):
         return {"weight_packed": pack_int8(q), "scales": torch.cat([p["scales"] for p in parts])}
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) int4 values in [-8, 7] → (ceil(N/16), K/2, 16) uint8: block b, row j holds for its 16
-    output channels u = q + 8 of input 2j (low nibble) and 2j + 1 (high nibble); zero past N."""
-    n, k = q.shape
-    blocks = -(-n // BLOCK)
-    u = torch.zeros(blocks * BLOCK, k, dtype=torch.uint8)
-    u[:n] = (q.to(device="cpu", dtype=torch.int16) + 8).to(torch.uint8)
-    pairs = u[:, 0::2] | (u[:, 1::2] << 4)  # (N', K/2)
-    return pairs.view(blocks, BLOCK, k // 2).transpose(1, 2).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of ``pack_int4``: (N, K) int8 values in [-8, 7]."""
-    blocks, half_k, _ = packed.shape
-    pairs = packed.transpose(1, 2).reshape(blocks * BLOCK, half_k)[:n]
-    u = torch.stack([pairs & 0xF, pairs >> 4], dim=2).reshape(n, 2 * half_k)
-    return (u.to(torch.int16) - 8).to(torch.int8)
-
-
-def int4_linear(
-    x: torch.Tensor,
-    w_packed: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group: int,
-    out: torch.Tensor | None = None,
-    isa: str = "auto",
-) -> torch.Tensor:
-    """``x @ W.T`` with ``W = (q - zp) * scale`` per group, through the C++ kernel: scales (N, K/G)
-    fp32, zeros (N, K/G) fp32 holding zp + 8. ``out`` and ``isa`` as in ``int8_linear``."""
-    if not ready():
-        raise RuntimeError("llmopt's CPU kernels are not available here (see the warning).")
-    if out is None and isa == "auto":
-        return torch.ops.llmopt.int4_linear_cpu(x, w_packed, scales, zeros, group)
-    if out is None:
-        out = x.new_empty((x.shape[0], scales.shape[0]))
-    code = {"auto": 0, "avx2": 1, "avx512": 2}[isa]
-    torch.ops.llmopt.int4_linear_cpu_out(x, w_packed, scales, zeros, group, code, out)
-    return out
-
-
-class CpuInt4Kernel(QuantKernel):
-    """llmopt's C++ int4 kernel (csrc/int4_linear_cpu.cpp): fp32 accumulation over the weights'
-    integers, zero point and scale applied once per group; fp32 or bf16 activations. torch's CPU int4
-    op reads half the int8 kernel's bytes yet took longer than it, and needs bf16 activations."""
-
-    name = "llmopt.int4_linear_cpu"
-    scheme = "int4"
-
-    def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
-        group = shape.group_size
-        return (
-            shape.scheme == "int4"
-            and group is not None
-            and group % 2 == 0
-            and shape.in_features % group == 0
-            and device.type == "cpu"
-            and dtype in (torch.float32, torch.bfloat16)
-            and ready()
-        )
-
-    def prepare(self, q, scale, zero_point, shape, device, dtype):
-        group = shape.group_size
-        assert group is not None
-        n, k = q.shape
-        zp = zero_point if zero_point is not None else torch.zeros(n, k // group)
-        return {
-            "weight_packed": pack_int4(q),  # (ceil(N/16), K/2, 16) uint8
-            "scales": scale.reshape(n, k // group).to(device="cpu", dtype=torch.float32).contiguous(),
-            "zeros": (zp.reshape(n, k // group).to(device="cpu", dtype=torch.float32) + 8).contiguous(),
-        }
-
-    def matmul(self, x, buffers, shape):
-        assert shape.group_size is not None
-        return torch.ops.llmopt.int4_linear_cpu(
-            x, buffers["weight_packed"], buffers["scales"], buffers["zeros"], shape.group_size
-        )
-
-    def concat(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """One layer from several over the same input (fused q/k/v, gate/up): output channels in order."""
-        q = torch.cat([unpack_int4(p["weight_packed"], p["scales"].shape[0]) for p in parts])
-        return {
-            "weight_packed": pack_int4(q),
-            "scales": torch.cat([p["scales"] for p in parts]),
-            "zeros": torch.cat([p["zeros"] for p in parts]),
-        }
-
-
 def available() -> list[QuantKernel]:
-    """The CPU kernels (int8, int4) on x86-64 machines with AVX2 or AVX-512 (the library is built when a
-    CPU low-bit layer first asks for it, so GPU-only runs never compile it). ``LLMOPT_CPU_KERNELS=0``
-    turns it off."""
-    return [CpuInt8Kernel(), CpuInt4Kernel()] if _enabled() else []
+    """The CPU kernel on x86-64 machines with AVX2 or AVX-512 (it is built when a CPU int8 layer
+    first asks for it, so GPU-only runs never compile it). ``LLMOPT_CPU_KERNELS=0`` turns it off."""
+    return [CpuInt8Kernel()] if _enabled() else []
 
 
 def _enabled() -> bool:

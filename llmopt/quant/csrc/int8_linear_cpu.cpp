@@ -24,8 +24,6 @@
 
 #include <immintrin.h>
 
-#include "cpu_common.h"
-
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -34,7 +32,21 @@
 
 namespace {
 
-using namespace llmopt_cpu;
+constexpr int64_t kBlock = 16;  // output channels per packed block
+constexpr int64_t kPrefetchBytes = 512;  // how far ahead of each weight stream to prefetch
+
+enum Isa : int64_t { kAuto = 0, kAvx2 = 1, kAvx512 = 2 };
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl");
+}
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
 
 // ---- AVX-512: a tile of MT rows x NB blocks (16 * NB output channels) ------------------------
 
@@ -167,6 +179,23 @@ constexpr auto table_2(std::integer_sequence<int, MTs...>) {
 const auto kTable512 = table_512(std::make_integer_sequence<int, kMaxRows512>{});
 const auto kTable2 = table_2(std::make_integer_sequence<int, kMaxRows2>{});
 
+Isa resolve_isa(int64_t requested) {
+  static const bool has512 = cpu_has_avx512();
+  static const bool has2 = cpu_has_avx2();
+  if (requested == kAvx512 || (requested == kAuto && has512)) {
+    TORCH_CHECK(has512, "llmopt int8_linear_cpu: this CPU has no AVX-512 (F/BW/VL)");
+    return kAvx512;
+  }
+  TORCH_CHECK(has2, "llmopt int8_linear_cpu: this CPU has neither AVX-512 nor AVX2+FMA");
+  return kAvx2;
+}
+
+// Rows per tile: as many as fit, spread evenly (7 rows run as 4 + 3, not 6 + 1).
+int rows_per_tile(int64_t rows_left, int max_rows) {
+  const int64_t tiles = (rows_left + max_rows - 1) / max_rows;
+  return static_cast<int>((rows_left + tiles - 1) / tiles);
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   const int64_t n = scale.numel();
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(), "int8_linear_cpu: CPU tensors only");
@@ -221,7 +250,7 @@ void linear_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   check_inputs(x, w, scale);
   const int64_t n = scale.numel();
-  const Isa isa = resolve_isa(kAuto, "int8_linear_cpu");
+  const Isa isa = resolve_isa(kAuto);
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   linear_into(x, w, scale, n, out, isa);
   return out;
@@ -233,7 +262,7 @@ void int8_linear_cpu_out(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t n = scale.numel();
   TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == n && out.scalar_type() == x.scalar_type(),
               "int8_linear_cpu_out: out must be (M, N) in x's dtype");
-  linear_into(x, w, scale, n, out, resolve_isa(isa, "int8_linear_cpu"));
+  linear_into(x, w, scale, n, out, resolve_isa(isa));
 }
 
 // 2 = AVX-512, 1 = AVX2, 0 = neither (the op refuses).
