@@ -14,7 +14,8 @@ rows and keep the Triton tiles for more; nothing is repacked.
 Build (``native_build``): the first call compiles the source with nvcc for the GPU's architecture
 (a few seconds; no torch headers, so no ninja or Python headers either) into llmopt's cache,
 ``<cache>/cuda/gemv_cuda-<key>/``, and loads it with ctypes. Launches go to torch's current stream,
-so CUDA graphs capture them. Where nvcc is missing or the build fails, one warning says so and the
+so CUDA graphs capture them. A self-test against float64 runs when the library loads. Where nvcc is
+missing, the build or the self-test fails, or the GPU predates Ampere, one warning says so and the
 Triton kernels do the work. ``LLMOPT_CUDA_GEMV=0`` turns the library off (for A/B measurements).
 """
 
@@ -117,9 +118,15 @@ def _library(device_index: int) -> ctypes.CDLL | None:
         if not torch.cuda.is_current_stream_capturing():  # a test launch must not land in a graph
             _self_test(lib, torch.device("cuda", device_index))
     except (BuildError, OSError, _Unusable) as exc:
+        fix = (
+            f"nothing on a GPU older than Ampere; a failed self-test is a bug to report. {DISABLE_ENV}=0 "
+            "goes straight to Triton without this warning"
+            if isinstance(exc, _Unusable)
+            else "install CUDA's compiler (nvcc, matching the driver) or set CUDA_HOME"
+        )
         warnings.warn(
             f"llmopt's CUDA decode kernels are unavailable ({exc}); int8/int4 decode uses the slower "
-            "Triton kernels. To fix: install CUDA's compiler (nvcc, matching the driver) or set CUDA_HOME.",
+            f"Triton kernels. To fix: {fix}.",
             stacklevel=3,
         )
         return None
