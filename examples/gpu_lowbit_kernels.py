@@ -235,7 +235,7 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_bw: float, configs=None)
             else:
                 tk.int4_matmul(x, bb["weight_int4"], bb["scales"], bb["zeros"], GROUP, out=out, config=cfg)
 
-        chosen = tk.choose_config(scheme, m, n, k, shape.group_size, tk._sm_count(0))
+        chosen = tk.choose_config(scheme, m, n, k, shape.group_size, tk.sm_count(0))
         record(f"llmopt {scheme}", time_graph(lambda i, c=chosen: run(i, c), copies), nbytes, chosen)
         weight = b["weight_int8" if scheme == "int8" else "weight_int4"]
         if cuda_gemv.usable(x, weight, k, shape.group_size):  # what int8/int4_matmul run at decode rows
@@ -264,7 +264,7 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_bw: float, configs=None)
         scales = s.reshape(-1).contiguous()
         qs = [q.clone() for _ in range(max(2, math.ceil(256e6 / (n * k))))]
         nbytes = n * k + 2 * n + io
-        chosen = tk.choose_w8a8_config(m, n, k, tk._sm_count(0))
+        chosen = tk.choose_w8a8_config(m, n, k, tk.sm_count(0))
         sec = time_graph(lambda i: tk.w8a8_matmul(x, qs[i], scales, out=out), len(qs))
         record("llmopt w8a8", sec, nbytes, chosen)
         for cfg in (configs or {}).get("w8a8", []):
@@ -314,7 +314,7 @@ def w8a8_configs(m: int, n: int, k: int) -> list[tk.TileConfig]:
     for block_m, block_n, block_k, warps, stages in itertools.product(
         sorted({64, min(128, max(64, 1 << (m - 1).bit_length()))}), (128, 256), (128, 256), (4, 8), (3, 4)
     ):
-        split = tk._split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), tk._sm_count(0))
+        split = tk._split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), tk.sm_count(0))
         configs.append(tk.TileConfig(block_m, block_n, block_k, split, warps, stages))
     return configs
 
@@ -322,7 +322,7 @@ def w8a8_configs(m: int, n: int, k: int) -> list[tk.TileConfig]:
 def with_split(scheme: str, m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
                warps: int, stages: int, weight_left: bool) -> tk.TileConfig:  # fmt: skip
     """A tile config whose split-K follows choose_config's rule for these tiles."""
-    split = tk._split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), tk._sm_count(0))
+    split = tk._split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), tk.sm_count(0))
     return tk.TileConfig(block_m, block_n, block_k, split, warps, stages, weight_left)
 
 

@@ -10,6 +10,8 @@ a missing compiler or a pre-Ampere GPU gives one warning and the Triton path ins
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -38,16 +40,21 @@ def test_cpu_tensors_never_reach_the_library(monkeypatch):
     assert not cuda_gemv.usable(x, torch.zeros(8, 64, dtype=torch.int8), 64)
 
 
-def test_missing_compiler_warns_and_falls_back(tmp_path, monkeypatch):
+@pytest.fixture
+def uncached_library() -> Iterator[None]:
+    """``_library``'s per-process answer forgotten before and after the test (which monkeypatches
+    what it depends on)."""
+    cuda_gemv._library.cache_clear()
+    yield
+    cuda_gemv._library.cache_clear()
+
+
+def test_missing_compiler_warns_and_falls_back(tmp_path, monkeypatch, uncached_library):
     monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cuda_gemv, "_nvcc", lambda: None)
     monkeypatch.setattr(cuda_gemv, "_arch", lambda device_index: "sm_90")
-    cuda_gemv._library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="nvcc"):
-            assert cuda_gemv._library(0) is None
-    finally:
-        cuda_gemv._library.cache_clear()
+    with pytest.warns(UserWarning, match="nvcc"):
+        assert cuda_gemv._library(0) is None
 
 
 @pytest.mark.parametrize(
@@ -105,11 +112,7 @@ def test_self_test_rejects_wrong_kernels(monkeypatch):
         cuda_gemv._self_test(None, torch.device("cpu"))  # type: ignore[arg-type]
 
 
-def test_gpus_before_ampere_are_declined_with_a_warning(monkeypatch):
+def test_gpus_before_ampere_are_declined_with_a_warning(monkeypatch, uncached_library):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
-    cuda_gemv._library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="compute capability 7.5"):
-            assert cuda_gemv._library(0) is None
-    finally:
-        cuda_gemv._library.cache_clear()
+    with pytest.warns(UserWarning, match="compute capability 7.5"):
+        assert cuda_gemv._library(0) is None

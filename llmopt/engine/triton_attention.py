@@ -46,14 +46,13 @@ it as one opaque call (writing into the cache tensors in place) and CUDA graphs 
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from llmopt.device import describe
+from llmopt.quant.triton_kernels import pow2_at_least, sm_count
 
 try:
     import triton
@@ -82,10 +81,6 @@ def available() -> bool:
     return triton is not None
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -97,13 +92,8 @@ def choose_config(row_heads: int, attn_len: int, head_dim: int, sms: int) -> Dec
     chunk, enough = MIN_CHUNK, PROGRAMS_PER_SM * sms
     while chunk < min(attn_len, MAX_CHUNK) and row_heads * _cdiv(attn_len, 2 * chunk) >= enough:
         chunk *= 2
-    chunk = max(chunk, _pow2_at_least(_cdiv(attn_len, MAX_CHUNKS)))
+    chunk = max(chunk, pow2_at_least(_cdiv(attn_len, MAX_CHUNKS), 1))
     return DecodeConfig(chunk=chunk, block_n=64 if head_dim <= 128 else 32)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return describe(device).threads if device.type == "cuda" else 8  # the interpreter: any number works
 
 
 if triton is not None:
@@ -249,7 +239,7 @@ def decode_attention(
     n_kv = k.shape[2]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "caches: same layout, rows of D"
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    cfg = config or choose_config(b * n_kv, attn_len, d, _sm_count(q.device))
+    cfg = config or choose_config(b * n_kv, attn_len, d, sm_count(q.device.index or 0))
     n_chunks = triton.cdiv(attn_len, cfg.chunk)
     split = n_chunks > 1
     out = torch.empty((b, 1, n_heads * d), device=q.device, dtype=q.dtype)
@@ -259,20 +249,20 @@ def decode_attention(
     else:
         part_o = part_ml = out  # not used
     group = n_heads // n_kv
-    block_d = max(16, _pow2_at_least(d))
+    block_d = pow2_at_least(d, 16)
     _decode_attention_chunk_kernel[(n_chunks, n_kv, b)](
         q, k, v, k_cache, v_cache, slots.reshape(b), positions.reshape(b), out, part_o, part_ml,
         attn_len, k_cache.shape[2] if window is None else window, scale, n_chunks, b * n_heads * n_chunks,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        G=group, D=d, BLOCK_G=max(16, _pow2_at_least(group)), BLOCK_D=block_d, CHUNK=cfg.chunk,
+        G=group, D=d, BLOCK_G=pow2_at_least(group, 16), BLOCK_D=block_d, CHUNK=cfg.chunk,
         BLOCK_N=cfg.block_n, SPLIT=split, DOT_DTYPE=_dot_dtype(q.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if split:
         _decode_attention_combine_kernel[(n_heads, b)](
             part_o, part_ml, out, n_chunks, b * n_heads * n_chunks, out.stride(0),
-            D=d, BLOCK_C=_pow2_at_least(n_chunks), BLOCK_D=block_d,
+            D=d, BLOCK_C=pow2_at_least(n_chunks, 1), BLOCK_D=block_d,
         )  # fmt: skip
     return out
 

@@ -288,13 +288,15 @@ if triton is not None:
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int) -> int:
+    """The GPU's SM count, which grid rules fill (8 under Triton's interpreter: any number works)."""
     if interpreting() or not torch.cuda.is_available():
         return 8
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _pow2_at_least(n: int, lo: int) -> int:
+def pow2_at_least(n: int, lo: int) -> int:
+    """The smallest power of two >= n, and at least ``lo`` (a block size covering n)."""
     return max(lo, 1 << max(0, (n - 1).bit_length()))
 
 
@@ -336,7 +338,7 @@ def choose_config(scheme: str, m: int, n: int, k: int, group: int | None, sms: i
             block_n, num_warps = (128, 8) if n <= 4096 else (64, 4)
     if scheme == "int4" and group is not None:
         block_k = max(block_k // group, 1) * group
-    block_k = min(block_k, _pow2_at_least(k, group or 32))
+    block_k = min(block_k, pow2_at_least(k, group or 32))
     split_k = _split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), sms)
     return TileConfig(block_m, block_n, block_k, split_k, num_warps, num_stages, left)
 
@@ -368,7 +370,7 @@ def choose_w8a8_config(m: int, n: int, k: int, sms: int) -> TileConfig:
     (BENCHMARKS.md §5): 128x128 tiles, 8 warps, 3 stages, 256 inputs per step for wide K (down)
     else 128; 64-row tiles up to 64 rows. K is split while there are fewer tiles than SMs."""
     block_m, num_warps, num_stages = (64, 4, 4) if m <= 64 else (128, 8, 3)
-    block_n, block_k = 128, min(256 if k >= 8192 else 128, _pow2_at_least(k, 32))
+    block_n, block_k = 128, min(256 if k >= 8192 else 128, pow2_at_least(k, 32))
     split_k = _split_to_fill(-(-n // block_n) * -(-m // block_m), -(-k // block_k), sms)
     return TileConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
 
@@ -417,7 +419,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
         return w8a8_matmul(x, q, scale, out=out)
     if _use_dequant(m, config):  # one elementwise pass: int8 * scale → x's dtype
         return torch.mm(x, (q * scale.to(x.dtype)[:, None]).T, out=out)
-    cfg = config or choose_config("int8", m, n, k, None, _sm_count(x.device.index or 0))
+    cfg = config or choose_config("int8", m, n, k, None, sm_count(x.device.index or 0))
     k_per_split, split = _splits(k, cfg)
     target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
@@ -441,7 +443,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m:
         _quantize_rows_kernel[(m,)](
-            x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=min(1024, _pow2_at_least(k, 32))
+            x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=min(1024, pow2_at_least(k, 32))
         )
     return q, scale
 
@@ -456,7 +458,7 @@ def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
     if m == 0:
         return out
     xq, xs = quantize_rows(x)
-    cfg = config or choose_w8a8_config(m, n, k, _sm_count(x.device.index or 0))
+    cfg = config or choose_w8a8_config(m, n, k, sm_count(x.device.index or 0))
     k_per_split, split = _splits(k, cfg)
     target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
@@ -511,7 +513,7 @@ def int4_matmul(
         return cuda_gemv.int4_gemv(x, packed, scale, zero, group, out)
     if _use_dequant(m, config):
         return torch.mm(x, int4_dequantize(packed, scale, zero, group, x.dtype).T, out=out)
-    cfg = config or choose_config("int4", m, n, k, group, _sm_count(x.device.index or 0))
+    cfg = config or choose_config("int4", m, n, k, group, sm_count(x.device.index or 0))
     k_per_split, split = _splits(k, cfg)
     target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)

@@ -294,9 +294,6 @@ struct Half2Ops<__nv_bfloat16> {
   using V = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each half
   static constexpr float kOffset = 128.0f;
-  __device__ static V dequant(uint32_t bits, V zero, V scale) {
-    return __hmul2(__hsub2(*reinterpret_cast<V*>(&bits), zero), scale);
-  }
   __device__ static V pair(float v) { return __float2bfloat162_rn(v); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
@@ -311,9 +308,6 @@ struct Half2Ops<__half> {
   using V = __half2;
   static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half
   static constexpr float kOffset = 1024.0f;
-  __device__ static V dequant(uint32_t bits, V zero, V scale) {
-    return __hmul2(__hsub2(*reinterpret_cast<V*>(&bits), zero), scale);
-  }
   __device__ static V pair(float v) { return __float2half2_rn(v); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
@@ -323,6 +317,12 @@ struct Half2Ops<__half> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
+
+// (v - zero) * scale on a pair of 16-bit floats held in `bits`, rounded once per operation in V's type.
+template <typename V>
+__device__ __forceinline__ V dequant_pair(uint32_t bits, V zero, V scale) {
+  return __hmul2(__hsub2(*reinterpret_cast<V*>(&bits), zero), scale);
+}
 
 // Nibbles of bytes 2p and 2p + 1 of `word` (low nibbles, or high with `high`) as a 16-bit pair
 // magic + nibble.
@@ -378,13 +378,13 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_kernel(const T* __restric
           const uint2 xv = x_ok ? *reinterpret_cast<const uint2*>(x_row + input) : make_uint2(0, 0);
           uint32_t a[4];
           V v;
-          v = Ops::dequant(nibble_pair(word_a, 0, high, Ops::kMagic), zero_a, scale_a);
+          v = dequant_pair<V>(nibble_pair(word_a, 0, high, Ops::kMagic), zero_a, scale_a);
           a[0] = *reinterpret_cast<uint32_t*>(&v);
-          v = Ops::dequant(nibble_pair(word_b, 0, high, Ops::kMagic), zero_b, scale_b);
+          v = dequant_pair<V>(nibble_pair(word_b, 0, high, Ops::kMagic), zero_b, scale_b);
           a[1] = *reinterpret_cast<uint32_t*>(&v);
-          v = Ops::dequant(nibble_pair(word_a, 1, high, Ops::kMagic), zero_a, scale_a);
+          v = dequant_pair<V>(nibble_pair(word_a, 1, high, Ops::kMagic), zero_a, scale_a);
           a[2] = *reinterpret_cast<uint32_t*>(&v);
-          v = Ops::dequant(nibble_pair(word_b, 1, high, Ops::kMagic), zero_b, scale_b);
+          v = dequant_pair<V>(nibble_pair(word_b, 1, high, Ops::kMagic), zero_b, scale_b);
           a[3] = *reinterpret_cast<uint32_t*>(&v);
           Ops::mma(c, a, xv.x, xv.y);
         }
