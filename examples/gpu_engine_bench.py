@@ -285,5 +285,112 @@ def part_lowbit() -> None:
             torch.cuda.empty_cache()
 
 
+def prefill_profile(runner: DecoderRunner, length: int) -> dict:
+    """One prompt of ``length`` tokens through ``runner.prefill`` (slot 0, logits wanted): wall time
+    (median of 5, synchronised), and from a profiled run the GPU's busy time, the kernel count and
+    the host time spent issuing them; wall well above busy means the prefill is launch-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(10, runner.vocab_size, (length,), generator=gen).tolist()
+    chunk = [PrefillChunk(0, tokens, 0, True)]
+    runner.prefill(chunk)
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(5):
+        start = time.perf_counter()
+        runner.prefill(chunk)
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        runner.prefill(chunk)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    host = None
+    if os.environ.get("PROFILE_HOST") == "1":  # where the host's time goes, by Python function
+        import cProfile
+        import io
+        import pstats
+
+        with cProfile.Profile() as cprof:
+            runner.prefill(chunk)
+            torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(cprof, stream=text).sort_stats("tottime").print_stats(30)
+        host = text.getvalue()
+        print(host, flush=True)
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name[:80]] = by_name.get(e.name[:80], 0.0) + e.device_time / 1000.0
+    wall = sorted(walls)[2] * 1000
+    return {
+        "tokens": length,
+        "wall_ms": wall,
+        "gpu_busy_ms": sum(e.device_time for e in kernels) / 1000.0,
+        "kernels": len(kernels),
+        "host_us_per_kernel": wall * 1000 / max(1, len(kernels)),
+        "top_kernels_ms": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:10]),
+        "host_profile": host,
+    }
+
+
+def host_costs() -> dict:
+    """Host time to issue one matmul (µs; 200 calls enqueued back to back, no synchronisation in
+    between; kernels short enough that the GPU keeps up): the custom op, the function it wraps, and
+    F.linear, at prefill and decode row counts."""
+    import torch.nn.functional as F
+
+    from llmopt.quant import triton_kernels as tk
+
+    n = k = 4096
+    q = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    s = torch.rand(n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    result = {}
+    for m in (1, 128, 1024):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        calls = {
+            "custom_op": lambda x=x: torch.ops.llmopt.int8_mm(x, q, s),
+            "direct": lambda x=x: tk.int8_matmul(x, q, s),
+            "F.linear": lambda x=x: F.linear(x, w),
+        }
+        for label, fn in calls.items():
+            with torch.inference_mode():
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                host = (time.perf_counter() - start) / 200 * 1e6
+                torch.cuda.synchronize()
+                total = (time.perf_counter() - start) / 200 * 1e6
+            result[f"m{m}_{label}"] = {"host_us": round(host, 1), "with_gpu_us": round(total, 1)}
+    return result
+
+
+def part_prefill() -> None:
+    """Time to first token's prefill, per scheme: launch-bound or GPU-bound (PREFILL_LENGTHS)."""
+    from llmopt.quant.inplace import quantize_model_
+    from llmopt.quant.schemes import QuantSpec
+
+    save("prefill", "device", torch.cuda.get_device_name())
+    if os.environ.get("CORRECTNESS", "1") == "1":  # the engine (graphed prefill included) vs transformers
+        save("prefill", "correctness", correctness())
+    save("prefill", "host_costs", host_costs())
+    lengths = [int(v) for v in os.environ.get("PREFILL_LENGTHS", "128,1024").split(",")]
+    for scheme in os.environ.get("SCHEMES", "bf16,int8,int4").split(","):
+        loaded = load_model(MODEL, LoadSpec(device="cuda"))
+        if scheme != "bf16":
+            quantize_model_(loaded.model, QuantSpec(scheme))
+        engine = Engine(loaded.model, None, EngineConfig(max_batch=1, max_seq=1100, prefill_chunk=1024))
+        assert isinstance(engine.runner, DecoderRunner)
+        for length in lengths:
+            save("prefill", f"{scheme}_{length}", prefill_profile(engine.runner, length))
+        del engine, loaded
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    {"engine": part_engine, "baselines": part_baselines, "lowbit": part_lowbit}[sys.argv[1]]()
+    parts = {"engine": part_engine, "baselines": part_baselines, "lowbit": part_lowbit}
+    (parts | {"prefill": part_prefill})[sys.argv[1]]()

@@ -174,6 +174,16 @@ def test_int4_layout_and_dequantize_are_exact() -> None:
     assert torch.equal(dense, w.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int8_dequantize_is_exact(dtype: torch.dtype) -> None:
+    """The prefill path's dense copy: q * scale rounded once to the activation dtype, every element
+    of an odd shape written."""
+    q, scale, _ = int8_layer(37, 1100, seed=6)
+    scale = scale.to(dtype)
+    dense = tk.int8_dequantize(q, scale, dtype)
+    assert torch.equal(dense, (q.float() * scale.float()[:, None]).to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [tl.float16, tl.float32])
 def test_nibble_conversion_is_exact(dtype) -> None:
     """The GPU's 16-bit path ORs nibbles into a float's mantissa instead of converting integers."""

@@ -204,11 +204,13 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         masks: dict[int | None, torch.Tensor],
         cache: KVCache,
-        slot_start: int,
+        slot_start: int | None,
         slots: torch.Tensor,
         positions: torch.Tensor,
         attn_len: int,
     ) -> torch.Tensor:
+        """``slot_start`` None: the rows' slots are only known as the tensor ``slots`` (a prefill
+        captured in a CUDA graph, where the slot is an input): attention gathers their cache rows."""
         spec = self.spec
         b, t, _ = x.shape
         h = rms_norm(x, self.attn_norm, spec.rms_eps)
@@ -240,7 +242,11 @@ class DecoderLayer(nn.Module):
         k_all, v_all = cache.keys[self.index], cache.values[self.index]
         k_all[slots, :, positions] = k.to(k_all.dtype)  # [B, T, KV, D] into [slots, KV, S, D]
         v_all[slots, :, positions] = v.to(v_all.dtype)
-        k_cache, v_cache = cache.layer(self.index, slot_start, b)
+        if slot_start is None:
+            k_cache = k_all[:, :, :attn_len].index_select(0, slots.view(-1))
+            v_cache = v_all[:, :, :attn_len].index_select(0, slots.view(-1))
+        else:
+            k_cache, v_cache = cache.layer(self.index, slot_start, b)
         # Grouped-query attention without copying the cache: the G query heads of one KV head
         # become G*T rows of that head.
         g = spec.group
@@ -332,18 +338,24 @@ class DecoderModel(nn.Module):
         attn_len: int,
         last_index: torch.Tensor | None = None,
         want_logits: bool = True,
+        slot_index: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """tokens/positions [B, T] for slots slot_start..slot_start+B-1; logits [B, V] (fp32) of each
         row's token at ``last_index`` (default: the last column), or None when the caller only
-        fills the cache (a prefill chunk that does not end its prompt)."""
+        fills the cache (a prefill chunk that does not end its prompt). ``slot_index`` [B] (device)
+        names the rows' slots instead of ``slot_start``, so that a captured graph can serve any slot."""
         assert self.rope_cos is not None and self.rope_sin is not None, "call build_rope() first"
         x = self.embed(tokens)
         rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
         fused = self.fused_decode and tokens.shape[1] == 1
         masks = {} if fused else self.masks(positions, attn_len)  # the fused decode kernel masks itself
-        slots = torch.arange(slot_start, slot_start + x.shape[0], device=x.device).unsqueeze(1)
+        first: int | None = slot_start
+        if slot_index is not None:
+            slots, first = slot_index.view(-1, 1), None
+        else:
+            slots = torch.arange(slot_start, slot_start + x.shape[0], device=x.device).unsqueeze(1)
         for layer in self.layers:
-            x = layer(x, rope, masks, cache, slot_start, slots, positions, attn_len)
+            x = layer(x, rope, masks, cache, first, slots, positions, attn_len)
         if not want_logits:
             return None
         rows = torch.arange(x.shape[0], device=x.device)

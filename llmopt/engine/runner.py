@@ -8,6 +8,12 @@ captured once as a CUDA graph and replayed: one launch per step instead of hundr
 what lets a batch-1 decode approach the memory-bandwidth floor. Idle rows of a bucket run at the
 cache's scratch position and their outputs are ignored.
 
+Prefill is host-bound at short prompts (a 128-token prompt on an 8B model: ~1,300 kernels, each
+costing more to issue than to run), so a single sequence's prefill chunk of up to
+``MAX_GRAPH_PREFILL`` tokens is also replayed from a CUDA graph, captured once per (width bucket,
+attention bucket, logits wanted): the chunk is padded to a power of two with tokens at the
+scratch position, and the slot is an input tensor, so one graph serves every slot.
+
 ``TransformersRunner`` runs any other causal LM through transformers, one sequence at a time
 with its own dynamic cache per slot: slow, but every model works.
 """
@@ -26,6 +32,8 @@ from llmopt.engine.kv_cache import CacheShape, KVCache
 from llmopt.engine.model import DecoderModel
 
 MIN_ATTN_BUCKET = 64
+MIN_PREFILL_BUCKET = 16
+MAX_GRAPH_PREFILL = 512  # longer chunks are GPU-bound: eager costs them little
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,15 @@ def attention_bucket(longest: int, max_seq: int) -> int:
     return min(size, max_seq + 1)
 
 
+def prefill_bucket(width: int) -> int:
+    """Smallest power of two ≥ width, at least MIN_PREFILL_BUCKET: the padded width of a graphed
+    prefill chunk."""
+    size = MIN_PREFILL_BUCKET
+    while size < width:
+        size *= 2
+    return size
+
+
 class _Graph:
     def __init__(self, graph: Any, logits: torch.Tensor) -> None:
         self.graph = graph
@@ -88,7 +105,10 @@ class DecoderRunner:
         max_seq: int,
         use_graphs: bool | None = None,
         compile_decode: bool | None = None,
+        static_prefill: bool | None = None,
     ) -> None:
+        """``static_prefill`` (default: with ``use_graphs``): one sequence's prefill chunk runs padded,
+        on fixed input buffers, as a graph can replay it; without graphs it runs that way eagerly."""
         spec = model.spec
         self.model = model
         self.device = model.device
@@ -105,6 +125,12 @@ class DecoderRunner:
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.full((max_batch, 1), max_seq, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.static_prefill = self.use_graphs if static_prefill is None else static_prefill
+        self.prefill_graphs: dict[tuple[int, int, bool], _Graph] = {}
+        self.prefill_tokens = torch.zeros(1, MAX_GRAPH_PREFILL, dtype=torch.long, device=self.device)
+        self.prefill_positions = torch.zeros(1, MAX_GRAPH_PREFILL, dtype=torch.long, device=self.device)
+        self.prefill_last = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.prefill_slot = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pool: Any = None
         self.capture_s = 0.0
         self.step_model: Any = model
@@ -135,6 +161,9 @@ class DecoderRunner:
         self, chunks: list[PrefillChunk], order: list[int], results: list[torch.Tensor | None]
     ) -> None:
         width = max(len(c.tokens) for c in chunks)
+        if self.static_prefill and len(chunks) == 1 and width <= MAX_GRAPH_PREFILL:
+            results[order[0]] = self._prefill_static(chunks[0])
+            return
         scratch = self.cache.scratch_position
         tokens = torch.zeros(len(chunks), width, dtype=torch.long)
         positions = torch.full((len(chunks), width), scratch, dtype=torch.long)
@@ -156,6 +185,52 @@ class DecoderRunner:
         for row, (chunk, index) in enumerate(zip(chunks, order, strict=True)):
             if chunk.want_logits and logits is not None:
                 results[index] = logits[row]
+
+    def _prefill_static(self, chunk: PrefillChunk) -> torch.Tensor | None:
+        """One sequence's chunk, padded to its bucket, through the fixed prefill buffers: replayed
+        from a CUDA graph when graphs are on. Returns a copy of the logits (the graph's output
+        buffer is overwritten by its next replay)."""
+        n = len(chunk.tokens)
+        width = prefill_bucket(n)
+        attn_len = attention_bucket(chunk.start + n, self.max_seq)
+        tokens, positions = self.prefill_tokens[:, :width], self.prefill_positions[:, :width]
+        tokens.zero_()
+        positions.fill_(self.cache.scratch_position)  # padding writes the scratch row, never read
+        tokens[0, :n] = to_device(torch.tensor(list(chunk.tokens)), self.device)
+        positions[0, :n] = torch.arange(chunk.start, chunk.start + n, device=self.device)
+        self.prefill_last.fill_(n - 1)
+        self.prefill_slot.fill_(chunk.slot)
+
+        def run() -> torch.Tensor | None:
+            return self.model(
+                tokens, positions, self.cache, 0, attn_len, last_index=self.prefill_last,
+                want_logits=chunk.want_logits, slot_index=self.prefill_slot,
+            )  # fmt: skip
+
+        if not self.use_graphs:
+            logits = run()
+        else:
+            key = (width, attn_len, chunk.want_logits)
+            graph = self.prefill_graphs.get(key) or self._capture_prefill(key, run)
+            graph.graph.replay()
+            logits = graph.logits if chunk.want_logits else None
+        return None if logits is None else logits[0].clone()
+
+    def _capture_prefill(self, key: tuple[int, int, bool], run: Any) -> _Graph:
+        start = time.perf_counter()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up outside the graph (it writes what replay rewrites)
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = run()
+        self.pool = graph.pool()
+        captured = _Graph(graph, logits if logits is not None else torch.empty(0, device=self.device))
+        self.prefill_graphs[key] = captured
+        self.capture_s += time.perf_counter() - start
+        return captured
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:

@@ -224,6 +224,20 @@ if triton is not None:
         tl.store(dst + HALF, (((packed >> 4) - zero).to(tl.float32) * scale).to(ty), mask=n_ok[:, None])
 
     @triton.jit
+    def _int8_dequant_kernel(q_ptr, scale_ptr, out_ptr, N, K, stride_qn, stride_on,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        # A BLOCK_N x BLOCK_K tile per program: q * scale in the output's dtype, rounded once from
+        # fp32 (what torch's q * scale.to(dtype)[:, None] computes).
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rn < N)[:, None] & (rk < K)[None, :]
+        q = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :], mask=mask, other=0)
+        ty = out_ptr.dtype.element_ty
+        scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0).to(ty).to(tl.float32)
+        tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], (q.to(tl.float32) * scale[:, None]).to(ty),
+                 mask=mask)  # fmt: skip
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
         # One row per program: absmax over the row, then int8 = round-half-away(x * 127 / absmax).
         row = tl.program_id(0)
@@ -417,8 +431,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
         return cuda_gemv.int8_gemv(x, q, scale, out)
     if config is None and m >= W8A8_MIN_ROWS and int8_activations_enabled():
         return w8a8_matmul(x, q, scale, out=out)
-    if _use_dequant(m, config):  # one elementwise pass: int8 * scale → x's dtype
-        return torch.mm(x, (q * scale.to(x.dtype)[:, None]).T, out=out)
+    if _use_dequant(m, config):
+        return torch.mm(x, int8_dequantize(q, scale, x.dtype).T, out=out)
     cfg = config or choose_config("int8", m, n, k, None, sm_count(x.device.index or 0))
     k_per_split, split = _splits(k, cfg)
     target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
@@ -431,6 +445,19 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
     )  # fmt: skip
     if split > 1:  # the per-channel scale is applied once, after the sum
         _finish_split(target, scale, out)
+    return out
+
+
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight ``q * scale[:, None]`` in ``dtype``, at the copy rate (torch's broadcasting
+    multiply with a dtype change ran at under a quarter of it on an H200, BENCHMARKS.md §5)."""
+    n, k = q.shape
+    out = torch.empty((n, k), device=q.device, dtype=dtype)
+    block_n, block_k = 16, 512
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _int8_dequant_kernel[grid](
+        q, scale, out, n, k, q.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k
+    )
     return out
 
 
@@ -536,7 +563,8 @@ def pack_int4_halves(q: torch.Tensor, group: int) -> torch.Tensor:
     return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-# torch custom ops: opaque to torch.compile, launched as-is inside CUDA graphs.
+# torch custom ops: opaque to torch.compile, launched as-is inside CUDA graphs. Eager code calls the
+# functions themselves: the custom-op wrapper costs host time on every call (prefill is eager).
 
 
 @torch.library.custom_op("llmopt::int8_mm", mutates_args=())
@@ -588,7 +616,8 @@ class TritonInt8Kernel(RowMajorQuantKernel):
         }
 
     def matmul(self, x, buffers, shape):
-        return torch.ops.llmopt.int8_mm(x, buffers["weight_int8"], buffers["scales"])
+        args = (x, buffers["weight_int8"], buffers["scales"])
+        return torch.ops.llmopt.int8_mm(*args) if torch.compiler.is_compiling() else int8_matmul(*args)
 
 
 class TritonInt4Kernel(RowMajorQuantKernel):
@@ -624,9 +653,8 @@ class TritonInt4Kernel(RowMajorQuantKernel):
 
     def matmul(self, x, buffers, shape):
         assert shape.group_size is not None
-        return torch.ops.llmopt.int4_mm(
-            x, buffers["weight_int4"], buffers["scales"], buffers["zeros"], shape.group_size
-        )
+        args = (x, buffers["weight_int4"], buffers["scales"], buffers["zeros"], shape.group_size)
+        return torch.ops.llmopt.int4_mm(*args) if torch.compiler.is_compiling() else int4_matmul(*args)
 
 
 def available() -> list[QuantKernel]:
