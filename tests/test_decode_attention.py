@@ -135,17 +135,30 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """model.rotate at each row's position, in x's dtype: x [B, 1, H, D], tables [S, D]."""
+    at = positions.reshape(-1)
+    return x * cos[at][:, None, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[at][:, None, None]
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["rotated-inputs", "rotates"])
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.usefixtures("nan_filled_empty")
-def test_matches_reference_and_writes_only_the_new_tokens(name: str) -> None:
+def test_matches_reference_and_writes_only_the_new_tokens(name: str, rotate: bool) -> None:
+    """rotate: q and k come unrotated with the model's rope tables, and the kernel rotates them."""
     case = CASES[name]
     inputs = make_inputs(case, seed=len(name))
     scale = case.head_dim**-0.5
-    want = reference(inputs, case, scale)
-    caches = {key: written(inputs[key], inputs[new], inputs["slots"], inputs["positions"])
+    rope, expected = None, inputs
+    if rotate:
+        gen = torch.Generator().manual_seed(7)
+        rope = tuple(torch.randn(case.seq, case.head_dim, generator=gen) for _ in range(2))
+        expected = {**inputs} | {key: rotated(inputs[key], *rope, inputs["positions"]) for key in ("q", "k")}
+    want = reference(expected, case, scale)
+    caches = {key: written(inputs[key], expected[new], inputs["slots"], inputs["positions"])
               for key, new in (("k_cache", "k"), ("v_cache", "v"))}  # fmt: skip
     out = ta.decode_attention(**inputs, attn_len=case.attn_len, window=case.window, scale=scale,
-                              config=case.config)  # fmt: skip
+                              config=case.config, rope=rope)  # fmt: skip
     assert out.shape == (len(case.positions), 1, case.n_heads * case.head_dim) and out.dtype == torch.float32
     assert rel_err(out, want) <= REL_TOL
     assert same_bits(inputs["k_cache"], caches["k_cache"]) and same_bits(inputs["v_cache"], caches["v_cache"])

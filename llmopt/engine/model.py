@@ -202,6 +202,7 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
+        rope_tables: tuple[torch.Tensor, torch.Tensor],
         masks: dict[int | None, torch.Tensor],
         cache: KVCache,
         slot_start: int | None,
@@ -209,8 +210,10 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         attn_len: int,
     ) -> torch.Tensor:
-        """``slot_start`` None: the rows' slots are only known as the tensor ``slots`` (a prefill
-        captured in a CUDA graph, where the slot is an input): attention gathers their cache rows."""
+        """``rope``: cos / signed sin at the rows' positions [B, T, 1, D]; ``rope_tables`` the whole
+        tables, which the fused decode kernel reads itself (``rope`` is then unused). ``slot_start``
+        None: the rows' slots are only known as the tensor ``slots`` (a prefill captured in a CUDA
+        graph, where the slot is an input): attention gathers their cache rows."""
         spec = self.spec
         b, t, _ = x.shape
         h = rms_norm(x, self.attn_norm, spec.rms_eps)
@@ -221,15 +224,15 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = rms_norm(q, self.q_norm, spec.rms_eps)
             k = rms_norm(k, self.k_norm, spec.rms_eps)
-        cos, sin = rope
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if t == 1 and self.fused_decode:
-            # Decode on the GPU: cache write and flash-decoding attention in Triton (masks itself).
+            # Decode on the GPU: rotary, cache write and flash-decoding attention in Triton (masks itself).
             out = torch.ops.llmopt.decode_attention(
                 q, k, v, cache.keys[self.index], cache.values[self.index], slots, positions, attn_len,
-                self.window, self.scale,
+                self.window, self.scale, rope_tables[0], rope_tables[1],
             )  # fmt: skip
             return self._mlp(x + self.o_proj(out))
+        cos, sin = rope
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if t == 1 and cpu_fast_path(x) and cache.keys[self.index].dtype == torch.float32:
             # Decode on the CPU: cache write and attention in one op.
             out = torch.ops.llmopt.decode_attention_cpu(
@@ -346,8 +349,11 @@ class DecoderModel(nn.Module):
         names the rows' slots instead of ``slot_start``, so that a captured graph can serve any slot."""
         assert self.rope_cos is not None and self.rope_sin is not None, "call build_rope() first"
         x = self.embed(tokens)
-        rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
+        tables = (self.rope_cos, self.rope_sin)
         fused = self.fused_decode and tokens.shape[1] == 1
+        rope = tables  # the fused decode kernel reads the tables at each row's position itself
+        if not fused:
+            rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
         masks = {} if fused else self.masks(positions, attn_len)  # the fused decode kernel masks itself
         first: int | None = slot_start
         if slot_index is not None:
@@ -355,7 +361,7 @@ class DecoderModel(nn.Module):
         else:
             slots = torch.arange(slot_start, slot_start + x.shape[0], device=x.device).unsqueeze(1)
         for layer in self.layers:
-            x = layer(x, rope, masks, cache, first, slots, positions, attn_len)
+            x = layer(x, rope, tables, masks, cache, first, slots, positions, attn_len)
         if not want_logits:
             return None
         rows = torch.arange(x.shape[0], device=x.device)

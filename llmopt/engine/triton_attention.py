@@ -1,7 +1,8 @@
 """Fused decode attention for the engine on the GPU: one Triton kernel per layer and decode step.
 
 A decode step gives each row b (one sequence, in cache slot ``slots[b]``) one new token at
-``positions[b]``. For every layer this module writes the token's (already rotated) key and value
+``positions[b]``. For every layer this module rotates the token's query and key (rotary embedding,
+read from the model's tables at the row's position; or takes them rotated), writes its key and value
 into the layer's cache ``[slots, KV, S, D]`` and attends: query head ``h * G + g`` of the row
 (q ``[B, 1, KV * G, D]``) over the keys of KV head h at the positions the row may see,
 
@@ -28,6 +29,11 @@ a step is bit-for-bit the same on every run. When one chunk covers ``attn_len`` 
 writes the output itself (one launch). The grid and the chunk size depend only on the batch,
 ``attn_len``, the shapes and the SM count, never on data, and nothing syncs with the host: the
 launches are captured as they are in the engine's CUDA graphs.
+
+Rotary embedding. With the model's cos / signed-sin tables ``[positions, D]`` (``model.rotate``'s
+half-split form: ``x * cos + roll(x, D/2) * signed_sin``) every program rotates q and the new key
+itself, in fp32, rounded once to their dtype: the separate elementwise kernel this replaces cost
+as much per layer as the attention at batch 1.
 
 The cache write. The chunk-0 program of each (row, KV head) stores the new key and value. No
 program reads position p back from memory: the tiles stop before it, and the chunk that holds it
@@ -144,13 +150,20 @@ if triton is not None:
         return acc / tl.where(total > 0, total, 1.0)
 
     @triton.jit
+    def _rotated(x, x_swapped, cos, sin):
+        """Rotary embedding in model.rotate's form, x * cos + roll(x, D/2) * signed_sin, in fp32,
+        rounded once to x's dtype (``x_swapped`` is x read at (d + D/2) mod D)."""
+        y = x.to(tl.float32) * cos + x_swapped.to(tl.float32) * sin
+        return y.to(x.dtype)
+
+    @triton.jit
     def _decode_attention_chunk_kernel(
         q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr,
-        attn_len, window, scale, n_chunks, n_part_rows,
+        cos_ptr, sin_ptr, attn_len, window, scale, n_chunks, n_part_rows,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cs, stride_ch, stride_cp,
-        stride_ob,
+        stride_ob, stride_rope,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ROTATE: tl.constexpr,
     ):  # fmt: skip
         # Program (chunk, KV head, row): the cache write (chunk 0 only) and the chunk's partial for
         # the G query heads of the KV head. Partials: part_o [rows, heads, chunks, D] and part_ml
@@ -161,10 +174,20 @@ if triton is not None:
         rg, rd = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
         g_ok, d_ok = rg < G, rd < D
         q_heads = head * G + rg
-        q = tl.load(q_ptr + row * stride_qb + q_heads[:, None] * stride_qh + rd[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        q_rows = q_ptr + row * stride_qb + q_heads[:, None] * stride_qh
+        q_mask = g_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_rows + rd[None, :], mask=q_mask, other=0.0)
+        k_row = k_ptr + row * stride_kb + head * stride_kh
+        k_new = tl.load(k_row + rd, mask=d_ok, other=0.0)
+        if ROTATE:  # the new token's q and k rotated at its position
+            swapped = (rd + D // 2) % D
+            cos = tl.load(cos_ptr + pos * stride_rope + rd, mask=d_ok, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + pos * stride_rope + rd, mask=d_ok, other=0.0).to(tl.float32)
+            q_swapped = tl.load(q_rows + swapped[None, :], mask=q_mask, other=0.0)
+            q = _rotated(q, q_swapped, cos[None, :], sin[None, :])
+            k_new = _rotated(k_new, tl.load(k_row + swapped, mask=d_ok, other=0.0), cos, sin)
         cache_ty = k_cache_ptr.dtype.element_ty
-        k_new = tl.load(k_ptr + row * stride_kb + head * stride_kh + rd, mask=d_ok, other=0.0).to(cache_ty)
+        k_new = k_new.to(cache_ty)
         v_new = tl.load(v_ptr + row * stride_vb + head * stride_vh + rd, mask=d_ok, other=0.0).to(cache_ty)
         k_rows = k_cache_ptr + slot * stride_cs + head * stride_ch
         v_rows = v_cache_ptr + slot * stride_cs + head * stride_ch
@@ -229,12 +252,15 @@ def decode_attention(
     window: int | None,
     scale: float,
     config: DecodeConfig | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One decode step of one layer: k, v [B, 1, KV, D] go into k_cache, v_cache [slots, KV, S, D]
     (in q's dtype) at (slots[b], :, positions[b]); returns q [B, 1, KV * G, D] attended over each
     row's visible keys (see the module docstring), [B, 1, KV * G * D] in q's dtype. ``slots`` and
     ``positions`` are integer [B, 1] (or [B]) tensors on the device, one distinct slot per row,
-    positions < S. ``config`` (default: ``choose_config``) sets the chunking."""
+    positions < S. ``config`` (default: ``choose_config``) sets the chunking. ``rope``: the model's
+    (cos, signed sin) tables [>= S, D] (``DecoderModel.build_rope``); q and k are then taken
+    unrotated and rotated here at each row's position."""
     b, _, n_heads, d = q.shape
     n_kv = k.shape[2]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "caches: same layout, rows of D"
@@ -250,14 +276,19 @@ def decode_attention(
         part_o = part_ml = out  # not used
     group = n_heads // n_kv
     block_d = pow2_at_least(d, 16)
+    if rope is not None:
+        cos, sin = rope
+        assert cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.shape[-1] == d, "tables: [P, D]"
+    else:
+        cos = sin = q  # not read
     _decode_attention_chunk_kernel[(n_chunks, n_kv, b)](
-        q, k, v, k_cache, v_cache, slots.reshape(b), positions.reshape(b), out, part_o, part_ml,
+        q, k, v, k_cache, v_cache, slots.reshape(b), positions.reshape(b), out, part_o, part_ml, cos, sin,
         attn_len, k_cache.shape[2] if window is None else window, scale, n_chunks, b * n_heads * n_chunks,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), cos.stride(0),
         G=group, D=d, BLOCK_G=pow2_at_least(group, 16), BLOCK_D=block_d, CHUNK=cfg.chunk,
-        BLOCK_N=cfg.block_n, SPLIT=split, DOT_DTYPE=_dot_dtype(q.dtype), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n, SPLIT=split, DOT_DTYPE=_dot_dtype(q.dtype), ROTATE=rope is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split:
         _decode_attention_combine_kernel[(n_heads, b)](
@@ -279,8 +310,11 @@ def _decode_attention_op(
     attn_len: int,
     window: int | None,
     scale: float,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return decode_attention(q, k, v, k_cache, v_cache, slots, positions, attn_len, window, scale)
+    rope = None if rope_cos is None or rope_sin is None else (rope_cos, rope_sin)
+    return decode_attention(q, k, v, k_cache, v_cache, slots, positions, attn_len, window, scale, rope=rope)
 
 
 @_decode_attention_op.register_fake
@@ -295,5 +329,7 @@ def _(
     attn_len: int,
     window: int | None,
     scale: float,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return q.new_empty((q.shape[0], 1, q.shape[2] * q.shape[3]))
