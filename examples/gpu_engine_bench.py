@@ -4,6 +4,7 @@ random bf16 weights, one GPU. Every result is appended to $OUT/engine-<part>.jso
     python examples/gpu_engine_bench.py engine     # correctness on the card, engine decode, breakdown, TTFT
     python examples/gpu_engine_bench.py baselines  # transformers eager and static cache + torch.compile
     python examples/gpu_engine_bench.py lowbit     # bf16, int8, int4 on the engine (SCHEMES=...)
+    python examples/gpu_engine_bench.py prefill    # prefill: wall time vs GPU busy time, per scheme
 
 Part `engine`:
 1. Correctness first: the engine's logits against transformers' (bf16) on the same weights, and
@@ -21,6 +22,11 @@ on the engine with llmopt's kernels. First the quantized model's own transformer
 same QuantLinear kernels, unfused) against the engine (q/k/v and gate/up stacked, CUDA graphs,
 compiled), then `bench_candidate` at every batch size, bf16 first as the same-run baseline; with
 BREAKDOWN=1 also each configuration's batch-1 step split (as part `engine` does for bf16).
+
+Part `prefill`: the engine's correctness (as part `engine`; CORRECTNESS=0 skips it), the host time
+to issue one quantized matmul against F.linear, then per scheme one prompt of each of
+PREFILL_LENGTHS (128,1024) through the runner's prefill: wall time, GPU busy time and kernel count
+(wall well above busy: launch-bound); PROFILE_HOST=1 adds a cProfile of the host side.
 """
 
 from __future__ import annotations

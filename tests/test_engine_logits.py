@@ -118,6 +118,28 @@ def test_logits_match_transformers(name: str, static_prefill: bool):
         assert len(got[i]) == lengths[i] - prompts[i] + 1
 
 
+def test_static_prefill_takes_one_sequence_up_to_its_limit():
+    """Chunks of one sequence up to MAX_GRAPH_PREFILL tokens run on the fixed (graph) buffers, longer
+    ones eagerly; both give the plain path's logits."""
+    from llmopt.engine import runner as runner_module
+
+    hf = random_model("llama", {"max_position_embeddings": 1200})
+    model = DecoderModel(hf)
+    limit = runner_module.MAX_GRAPH_PREFILL
+    seq = torch.randint(0, BASE["vocab_size"], (limit + 1,), generator=torch.Generator().manual_seed(3))
+    plain = DecoderRunner(model, max_batch=2, max_seq=limit + 8, use_graphs=False)
+    static = DecoderRunner(model, max_batch=2, max_seq=limit + 8, use_graphs=False, static_prefill=True)
+    taken: list[int] = []
+    original = static._prefill_static
+    static._prefill_static = lambda chunk: taken.append(len(chunk.tokens)) or original(chunk)  # type: ignore[method-assign]
+    for n in (limit, limit + 1):
+        chunk = [PrefillChunk(1, seq[:n].tolist(), 0, True)]
+        [want], [got] = plain.prefill(chunk), static.prefill(chunk)
+        assert want is not None and got is not None
+        assert (got - want).abs().max().item() < TOLERANCE
+    assert taken == [limit]
+
+
 def test_other_architectures_are_reported_unsupported():
     from transformers import GPT2Config, GPT2LMHeadModel
 
