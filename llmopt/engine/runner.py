@@ -211,26 +211,30 @@ class DecoderRunner:
             logits = run()
         else:
             key = (width, attn_len, chunk.want_logits)
-            graph = self.prefill_graphs.get(key) or self._capture_prefill(key, run)
+            graph = self.prefill_graphs.get(key)
+            if graph is None:  # one warm-up: it writes what the replay rewrites
+                graph = self.prefill_graphs[key] = self._captured(run, warmups=1)
             graph.graph.replay()
             logits = graph.logits if chunk.want_logits else None
         return None if logits is None else logits[0].clone()
 
-    def _capture_prefill(self, key: tuple[int, int, bool], run: Any) -> _Graph:
+    def _captured(self, run: Any, warmups: int) -> _Graph:
+        """``run()`` (returning logits or None) captured as a CUDA graph in the runner's shared
+        memory pool, after ``warmups`` runs outside it (lazy inits, compilation); capture time adds
+        to ``capture_s``."""
         start = time.perf_counter()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up outside the graph (it writes what replay rewrites)
-            run()
+        with torch.cuda.stream(stream):
+            for _ in range(warmups):
+                run()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = run()
         self.pool = graph.pool()
-        captured = _Graph(graph, logits if logits is not None else torch.empty(0, device=self.device))
-        self.prefill_graphs[key] = captured
         self.capture_s += time.perf_counter() - start
-        return captured
+        return _Graph(graph, logits if logits is not None else torch.empty(0, device=self.device))
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
@@ -251,22 +255,15 @@ class DecoderRunner:
         return graph.logits[index]
 
     def _capture(self, bucket: int, attn_len: int) -> _Graph:
-        start = time.perf_counter()
         tokens, positions = self.tokens[:bucket], self.positions[:bucket]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, autotuning
-            for _ in range(2):
-                self.step_model(tokens, positions, self.cache, 0, attn_len)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+
+        def step() -> torch.Tensor:
             logits = self.step_model(tokens, positions, self.cache, 0, attn_len)
-        assert logits is not None
-        self.pool = graph.pool()
-        captured = _Graph(graph, logits)
+            assert logits is not None
+            return logits
+
+        captured = self._captured(step, warmups=2)  # warm-ups: lazy inits, compilation, autotuning
         self.graphs[(bucket, attn_len)] = captured
-        self.capture_s += time.perf_counter() - start
         return captured
 
     @torch.inference_mode()
