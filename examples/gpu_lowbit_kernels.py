@@ -8,7 +8,8 @@ Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py orient     # weight as left vs right mma operand
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py split      # int8 decode: split-K set explicitly
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv       # CUDA decode kernels: work-shape sweep
-    PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv-mma   # the int4 tensor-core decode kernel's
+    PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv-mma   # the tensor-core decode kernel's
+                                  # (BASELINE_SOURCE=old/gemv_cuda.cu: that version's dispatch, same call)
 
 Correctness: random weights quantized with llmopt's own schemes, many shapes (odd sizes, not
 multiples of any block), bf16 and fp16 activations; outputs poisoned with NaN before each run;
@@ -25,11 +26,14 @@ Results: $OUT/lowbit_<part>.json.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,14 +70,18 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 20 / (start.elapsed_time(end) / 1e3)
 
 
-def make_layer(scheme: str, n: int, k: int, dtype: torch.dtype, seed: int = 0):
+def default_group(k: int) -> int:
+    return GROUP if k % GROUP == 0 else 32
+
+
+def make_layer(scheme: str, n: int, k: int, dtype: torch.dtype, seed: int = 0, group: int | None = None):
     g = torch.Generator(device="cpu").manual_seed(seed)
     w = (torch.randn(n, k, generator=g) * 0.02).to(DEV)
     if scheme == "int8":
         q, s = quantize_int8(w, dtype)
         return q, s, None, (q.double() * s.double()).float()
-    q, s, zp = quantize_int4(w, GROUP if k % GROUP == 0 else 32, dtype)
-    group = GROUP if k % GROUP == 0 else 32
+    group = group or default_group(k)
+    q, s, zp = quantize_int4(w, group, dtype)
     deq = (q.double().view(n, -1, group) - zp.double().view(n, -1, 1)) * s.double().view(n, -1, 1)
     return q, s, zp, deq.view(n, k).float()
 
@@ -109,14 +117,16 @@ def part_check() -> dict:
     rows = []
     shapes = [(1, 33, 577), (1, 4096, 4096), (3, 100, 1000), (7, 6144, 4096), (16, 1000, 4096),
               (2, 333, 1024), (3, 50, 96), (4, 6144, 4096), (1, 4096, 14336), (4, 101, 14336),
-              (8, 1000, 4096), (2, 40, 96),
+              (8, 1000, 4096), (2, 40, 96), (12, 333, 4096), (9, 37, 1408), (13, 4096, 14336),
               (17, 333, 768),
               (33, 4096, 1408), (128, 4096, 4096), (1000, 1536, 576)]  # fmt: skip
-    int4_shapes = [(m, n, k) for m, n, k in shapes if k % 32 == 0] + [(1, 37, 4096), (5, 4096, 14336)]
-    for scheme, cases in (("int8", shapes), ("int4", int4_shapes)):
-        for (m, n, k), dtype in itertools.product(cases, (torch.bfloat16, torch.float16)):
-            q, s, zp, deq = make_layer(scheme, n, k, dtype)
-            group = None if scheme == "int8" else (GROUP if k % GROUP == 0 else 32)
+    int8_cases = [(m, n, k, None) for m, n, k in shapes]
+    int4_cases = [(m, n, k, default_group(k)) for m, n, k in shapes if k % 32 == 0]
+    int4_cases += [(1, 37, 4096, GROUP), (5, 4096, 14336, GROUP), (4, 100, 4096, 32), (11, 64, 1024, 64),
+                   (16, 48, 256, 64)]  # groups below 128 on the tensor cores  # fmt: skip
+    for scheme, cases in (("int8", int8_cases), ("int4", int4_cases)):
+        for (m, n, k, group), dtype in itertools.product(cases, (torch.bfloat16, torch.float16)):
+            q, s, zp, deq = make_layer(scheme, n, k, dtype, group=group)
             shape = LayerShape(scheme, k, n, group)
             kernel = tk.TritonInt8Kernel() if scheme == "int8" else tk.TritonInt4Kernel()
             buffers = kernel.prepare(q, s, zp, shape, DEV, dtype)
@@ -134,8 +144,8 @@ def part_check() -> dict:
             weight = buffers["weight_int8" if scheme == "int8" else "weight_int4"]
             path = "cuda" if cuda_gemv.usable(x, weight, k, group) else "triton"
             err = rel_err(out, ref)
-            row = {"scheme": scheme, "m": m, "n": n, "k": k, "dtype": str(dtype), "path": path,
-                   "rel_err": err, "ok": err < 1e-2}  # fmt: skip
+            row = {"scheme": scheme, "m": m, "n": n, "k": k, "group": group, "dtype": str(dtype),
+                   "path": path, "rel_err": err, "ok": err < 1e-2}  # fmt: skip
             if path == "cuda":  # the fixed-order reduction: bit-identical on a second run
                 row["deterministic"] = bool(torch.equal(out, run()))
                 row["ok"] = row["ok"] and row["deterministic"]
@@ -460,13 +470,36 @@ def gemv_variants() -> list[tuple[str, ...]]:
 
 
 def mma_variants() -> list[tuple[str, ...]]:
-    """Work shapes of the int4 tensor-core decode kernel: warps per block x chunks in flight."""
-    return [(f"-DMMA_WARPS={w}", f"-DMMA_UNROLL={u}") for w, u in itertools.product((2, 4, 8), (1, 2, 4))]
+    """Work shapes of the tensor-core decode kernel: warps per block x chunks in flight (weights read
+    into registers), or x steps in flight (weights staged through shared memory)."""
+    shapes = itertools.product((4, 8, 16), (1, 2, 4))
+    registers = [(f"-DMMA_WARPS={w}", f"-DMMA_UNROLL={u}") for w, u in shapes]
+    staged = [(f"-DMMA_WARPS={w}", f"-DMMA_STAGES={s}") for w, s in itertools.product((4, 8), (3, 4, 6))]
+    return registers + staged
+
+
+def load_baseline(source: str, arch: str) -> ctypes.CDLL:
+    """Another version of csrc/gemv_cuda.cu (``BASELINE_SOURCE``, e.g. the last commit's), built here,
+    so that its default kernels run in the same call as this one's. Only its two row-dispatching entry
+    points are used; their signatures have not changed."""
+    target = OUT / "baseline_gemv.so"
+    nvcc = cuda_gemv._nvcc()
+    assert nvcc is not None
+    subprocess.run([nvcc, *cuda_gemv.NVCC_FLAGS, f"-arch={arch}", source, "-o", str(target)], check=True)
+    lib = ctypes.CDLL(str(target))
+    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    lib.llmopt_int8_gemv.argtypes = [ptr, i32, ptr, ptr, i32, ptr, i32, i32, i32, i64, i64, ptr]
+    lib.llmopt_int4_gemv.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, i32, i32, i32, i64, i64, ptr]
+    lib.llmopt_gemv_max_rows.argtypes = [i32]
+    return lib
 
 
 def part_gemv(mma: bool) -> dict:
     """Build every variant (in parallel); per layer shape and row count, check and time each. ``mma``:
-    the int4 tensor-core kernel's variants (1-8 rows), else the CUDA-core kernels' (1-2 rows)."""
+    the tensor-core kernel's variants (forced at every row count), else the CUDA-core kernels' (1-2
+    rows). Same call, same buffers: the library's default dispatch ("default"), the Triton tiles the
+    dispatch would otherwise fall back to ("triton"), bf16 cuBLAS, and with ``BASELINE_SOURCE`` another
+    version of the library's default dispatch ("baseline")."""
     from concurrent.futures import ThreadPoolExecutor
 
     copy_bw = copy_bandwidth()
@@ -475,9 +508,11 @@ def part_gemv(mma: bool) -> dict:
     with ThreadPoolExecutor(16) as pool:
         paths = list(pool.map(lambda d: cuda_gemv.build_library(arch, defines=d)[0], variants))
     libs = [cuda_gemv.load(p) for p in paths]
-    ms = [int(v) for v in os.environ.get("MS", "1,2,4,8" if mma else "1,2").split(",")]
+    baseline_source = os.environ.get("BASELINE_SOURCE")
+    baseline = load_baseline(baseline_source, arch) if baseline_source else None
+    ms = [int(v) for v in os.environ.get("MS", "1,2,3,4,8,12,16" if mma else "1,2").split(",")]
     rows = []
-    for scheme in ("int4",) if mma else ("int8", "int4"):
+    for scheme in os.environ.get("SCHEMES", "int8,int4").split(","):
         for name in os.environ.get("SHAPES", ",".join(LLAMA_SHAPES)).split(","):
             n, k = LLAMA_SHAPES[name]
             q, s, zp, deq = make_layer(scheme, n, k, torch.bfloat16)
@@ -492,29 +527,55 @@ def part_gemv(mma: bool) -> dict:
                 out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
                 ref = x.double() @ deq.double().T
                 nbytes = nbytes_w + 2 * m * k + 2 * m * n
-                for variant, lib in zip(variants, libs, strict=True):
+                here = []
 
-                    def run(i, lib=lib, x=x, out=out, bufs=bufs, scheme=scheme):
-                        bb = bufs[i]
-                        if scheme == "int8":
-                            cuda_gemv.int8_gemv(x, bb["weight_int8"], bb["scales"], out, lib=lib)
-                        else:
-                            cuda_gemv.int4_gemv(x, bb["weight_int4"], bb["scales"], bb["zeros"], GROUP, out,
-                                                lib=lib, tensor_cores=mma)  # fmt: skip
-
+                def measure(label, run, copies=copies, nbytes=nbytes, x=x, out=out, ref=ref, m=m, name=name,
+                            scheme=scheme, here=here):  # fmt: skip
                     out.fill_(float("nan"))
                     run(0)
                     err = rel_err(out, ref)
                     sec = time_graph(run, copies, reps=5)
+                    row = {"scheme": scheme, "shape": name, "m": m, "variant": label, "us": sec * 1e6,
+                           "pct_copy_bw": 100 * nbytes / sec / copy_bw, "rel_err": err}  # fmt: skip
+                    rows.append(row)
+                    here.append(row)
+
+                def run_lib(i, lib=None, forced=False, x=x, out=out, bufs=bufs, scheme=scheme):
+                    bb = bufs[i]
+                    if scheme == "int8":
+                        cuda_gemv.int8_gemv(x, bb["weight_int8"], bb["scales"], out, lib=lib,
+                                            tensor_cores=forced)  # fmt: skip
+                    else:
+                        cuda_gemv.int4_gemv(x, bb["weight_int4"], bb["scales"], bb["zeros"], GROUP, out,
+                                            lib=lib, tensor_cores=forced)  # fmt: skip
+
+                for variant, lib in zip(variants, libs, strict=True):
                     mine = [d for d in variant if mma or d.startswith(f"-D{scheme.upper()}")]
                     label = " ".join(d.split("_", 1)[1] for d in mine)
-                    rows.append({"scheme": scheme, "shape": name, "m": m, "variant": label, "us": sec * 1e6,
-                                 "pct_copy_bw": 100 * nbytes / sec / copy_bw, "rel_err": err})  # fmt: skip
-                here = [r for r in rows if (r["scheme"], r["shape"], r["m"]) == (scheme, name, m)]
-                best = min(here, key=lambda r: r["us"])
-                print(f"{scheme} m={m} {name:8s} best {best['variant']:32s} {best['us']:8.1f} us "
-                      f"{best['pct_copy_bw']:5.1f}%  (worst err of all variants "
-                      f"{max(r['rel_err'] for r in here):.1e})", flush=True)  # fmt: skip
+                    measure(label, functools.partial(run_lib, lib=lib, forced=mma))
+                weight = b["weight_int8" if scheme == "int8" else "weight_int4"]
+                if cuda_gemv.usable(x, weight, k, shape.group_size):
+                    measure("default", run_lib)
+                if baseline is not None and m <= baseline.llmopt_gemv_max_rows(0 if scheme == "int8" else 1):
+                    measure("baseline", functools.partial(run_lib, lib=baseline))
+                cfg = tk.choose_config(scheme, m, n, k, shape.group_size, tk.sm_count(0))
+
+                def run_triton(i, cfg=cfg, x=x, out=out, bufs=bufs, scheme=scheme):
+                    bb = bufs[i]
+                    if scheme == "int8":
+                        tk.int8_matmul(x, bb["weight_int8"], bb["scales"], out=out, config=cfg)
+                    else:
+                        tk.int4_matmul(x, bb["weight_int4"], bb["scales"], bb["zeros"], GROUP, out=out,
+                                       config=cfg)  # fmt: skip
+
+                measure("triton", run_triton)
+                best = min((r for r in here if r["variant"] not in ("default", "baseline", "triton")),
+                           key=lambda r: r["us"])  # fmt: skip
+                named = {r["variant"]: r["us"] for r in here}
+                print(f"{scheme} m={m:2d} {name:8s} best {best['variant']:24s} {best['us']:7.1f} us "
+                      f"{best['pct_copy_bw']:5.1f}% | default {named.get('default', float('nan')):7.1f} "
+                      f"baseline {named.get('baseline', float('nan')):7.1f} triton {named['triton']:7.1f} "
+                      f"(worst err {max(r['rel_err'] for r in here):.1e})", flush=True)  # fmt: skip
                 (OUT / "lowbit_gemv_partial.json").write_text(json.dumps({"copy_bw": copy_bw, "rows": rows}))
             del bufs
     return {"copy_bw": copy_bw, "rows": rows}

@@ -24,10 +24,7 @@ def test_library_builds_and_loads(tmp_path, monkeypatch):
     path, seconds = cuda_gemv.build_library("sm_80")
     assert path.is_file() and seconds > 0
     lib = cuda_gemv.load(path)
-    assert (lib.llmopt_gemv_max_rows(0), lib.llmopt_gemv_max_rows(1)) == (
-        cuda_gemv.INT8_MAX_ROWS,
-        cuda_gemv.INT4_MAX_ROWS,
-    )
+    assert (lib.llmopt_gemv_max_rows(0), lib.llmopt_gemv_max_rows(1)) == (cuda_gemv.MAX_ROWS,) * 2
     assert cuda_gemv.build_library("sm_80") == (path, 0.0)  # built once per key
 
 
@@ -58,23 +55,28 @@ def test_missing_compiler_warns_and_falls_back(tmp_path, monkeypatch, uncached_l
 
 
 @pytest.mark.parametrize(
-    ("m", "k", "group", "expected"),
+    ("m", "n", "k", "group", "expected"),
     [
-        (1, 4096, None, True),  # int8: 1-2 rows, K a multiple of 16
-        (2, 4096, None, True),
-        (3, 4096, None, False),  # the Triton tiles are faster from 3 rows
-        (1, 4104, None, False),
-        (1, 4096, 128, True),  # int4 one row: the CUDA-core kernel
-        (2, 96, 32, True),  # two rows, K not a multiple of 128: still the CUDA-core kernel
-        (3, 96, 32, False),  # the tensor-core kernel needs K a multiple of 128
-        (8, 4096, 128, True),
-        (9, 4096, 128, False),  # one n8 tile
-        (1, 4096, 48, False),  # group not a power of two
-        (1, 4096, 16, False),  # group below 32
+        (1, 4096, 4096, None, True),  # int8: 1-2 rows on the CUDA cores, K a multiple of 16
+        (2, 4096, 4112, None, True),
+        (3, 4096, 4112, None, False),  # the tensor-core kernel needs K a multiple of 64
+        (3, 4096, 4096, None, True),
+        (16, 6144, 4096, None, True),
+        (17, 4096, 4096, None, False),  # two n8 tiles: the Triton tiles from 17 rows
+        (1, 4096, 4104, None, False),
+        (1, 28672, 4096, None, True),  # a large int8 weight: the CUDA-core kernel at one row,
+        (2, 28672, 4096, None, False),  # the Triton tiles past it
+        (1, 4096, 4096, 128, True),  # int4 one row
+        (2, 4096, 96, 32, True),  # two rows, K not a multiple of 128: the CUDA-core kernel
+        (3, 4096, 96, 32, False),  # the tensor-core kernel needs K a multiple of 128
+        (16, 28672, 4096, 128, True),  # int4 takes every size
+        (17, 4096, 4096, 128, False),
+        (1, 4096, 4096, 48, False),  # group not a power of two
+        (1, 4096, 4096, 16, False),  # group below 32
     ],
 )
-def test_row_and_shape_limits(m, k, group, expected):
-    assert cuda_gemv._rows_ok(m, k, group) is expected
+def test_row_and_shape_limits(m, n, k, group, expected):
+    assert cuda_gemv._rows_ok(m, n, k, group) is expected
 
 
 def _unpack_int4_halves(packed: torch.Tensor, group: int) -> torch.Tensor:

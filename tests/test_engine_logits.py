@@ -70,8 +70,9 @@ def random_model(model_type: str, overrides: dict) -> torch.nn.Module:
 @pytest.mark.parametrize("static_prefill", [False, True], ids=["eager-prefill", "static-prefill"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_transformers(name: str, static_prefill: bool):
-    """static_prefill: a lone sequence's chunks run padded to a power of two on the fixed buffers a
-    CUDA graph replays (scratch-position padding, the slot as a tensor), here without the graph."""
+    """static_prefill: a step's chunks run as one batch padded to powers of two (rows and width) on
+    the fixed buffers a CUDA graph replays (scratch-position padding, a missing fourth row, the slots
+    as a tensor), here without the graph; eager: neighbouring slots run as one padded batch."""
     model_type, overrides = CONFIGS[name]
     hf = random_model(model_type, overrides)
     assert unsupported_reason(hf) is None
@@ -85,9 +86,7 @@ def test_logits_match_transformers(name: str, static_prefill: bool):
     runner = DecoderRunner(
         DecoderModel(hf), max_batch=5, max_seq=96, use_graphs=False, static_prefill=static_prefill
     )
-    slots = [0, 3, 1]  # rows need not be in slot order; 0 and 1 prefill as one padded batch, 3 alone
-    if static_prefill:
-        slots = [0, 4, 2]  # every chunk alone: padded, the slot a tensor
+    slots = [0, 3, 1]  # rows need not be in slot order; eager: 0 and 1 as one padded batch, 3 alone
     got: list[dict[int, torch.Tensor]] = [{} for _ in seqs]
     start = [0, 0, 0]
     for chunk in (7, 100):  # a short chunk first: chunked prefill must equal one pass
@@ -118,26 +117,39 @@ def test_logits_match_transformers(name: str, static_prefill: bool):
         assert len(got[i]) == lengths[i] - prompts[i] + 1
 
 
-def test_static_prefill_takes_one_sequence_up_to_its_limit():
-    """Chunks of one sequence up to MAX_GRAPH_PREFILL tokens run on the fixed (graph) buffers, longer
-    ones eagerly; both give the plain path's logits."""
+def test_static_prefill_takes_batches_up_to_its_limit():
+    """Prefill batches of up to MAX_GRAPH_PREFILL padded tokens (rows x width, each a power of two)
+    run on the fixed (graph) buffers, larger ones eagerly; both give the plain path's logits."""
     from llmopt.engine import runner as runner_module
 
     hf = random_model("llama", {"max_position_embeddings": 1200})
     model = DecoderModel(hf)
     limit = runner_module.MAX_GRAPH_PREFILL
     seq = torch.randint(0, BASE["vocab_size"], (limit + 1,), generator=torch.Generator().manual_seed(3))
-    plain = DecoderRunner(model, max_batch=2, max_seq=limit + 8, use_graphs=False)
-    static = DecoderRunner(model, max_batch=2, max_seq=limit + 8, use_graphs=False, static_prefill=True)
-    taken: list[int] = []
+    plain = DecoderRunner(model, max_batch=4, max_seq=limit + 8, use_graphs=False)
+    static = DecoderRunner(model, max_batch=4, max_seq=limit + 8, use_graphs=False, static_prefill=True)
+    taken: list[tuple[int, int]] = []
     original = static._prefill_static
-    static._prefill_static = lambda chunk: taken.append(len(chunk.tokens)) or original(chunk)  # type: ignore[method-assign]
-    for n in (limit, limit + 1):
-        chunk = [PrefillChunk(1, seq[:n].tolist(), 0, True)]
-        [want], [got] = plain.prefill(chunk), static.prefill(chunk)
-        assert want is not None and got is not None
-        assert (got - want).abs().max().item() < TOLERANCE
-    assert taken == [limit]
+
+    def spy(chunks, rows, width):
+        taken.append((rows, width))
+        return original(chunks, rows, width)
+
+    static._prefill_static = spy  # type: ignore[method-assign]
+    quarter = limit // 4
+    batches = [
+        [(1, limit)],  # one row of 512: static
+        [(1, limit + 1)],  # 1,024 padded: eager
+        [(0, quarter), (1, quarter - 3), (3, 5)],  # 4 rows (one missing) x 128: static
+        [(0, quarter + 1), (1, 5)],  # 2 rows x 256: static
+        [(0, quarter + 1), (1, 5), (3, 9)],  # 4 rows x 256: eager
+    ]
+    for batch in batches:
+        chunks = [PrefillChunk(slot, seq[:n].tolist(), 0, True) for slot, n in batch]
+        for want, got in zip(plain.prefill(chunks), static.prefill(chunks), strict=True):
+            assert want is not None and got is not None
+            assert (got - want).abs().max().item() < TOLERANCE
+    assert taken == [(1, limit), (4, quarter), (2, 2 * quarter)]
 
 
 def test_other_architectures_are_reported_unsupported():

@@ -9,10 +9,11 @@ what lets a batch-1 decode approach the memory-bandwidth floor. Idle rows of a b
 cache's scratch position and their outputs are ignored.
 
 Prefill is host-bound at short prompts (a 128-token prompt on an 8B model: ~1,300 kernels, each
-costing more to issue than to run), so a single sequence's prefill chunk of up to
-``MAX_GRAPH_PREFILL`` tokens is also replayed from a CUDA graph, captured once per (width bucket,
-attention bucket, logits wanted): the chunk is padded to a power of two with tokens at the
-scratch position, and the slot is an input tensor, so one graph serves every slot.
+costing more to issue than to run), so a step's prefill chunks are also replayed from a CUDA graph
+when their padded size, rows x width, is at most ``MAX_GRAPH_PREFILL`` tokens: captured once per
+(rows bucket, width bucket, attention bucket, logits wanted). Each chunk is a row padded to a
+power of two with tokens at the scratch position, missing rows are all scratch, and the rows'
+slots are an input tensor, so one graph serves any slots.
 
 ``TransformersRunner`` runs any other causal LM through transformers, one sequence at a time
 with its own dynamic cache per slot: slow, but every model works.
@@ -33,7 +34,7 @@ from llmopt.engine.model import DecoderModel
 
 MIN_ATTN_BUCKET = 64
 MIN_PREFILL_BUCKET = 16
-MAX_GRAPH_PREFILL = 512  # longer chunks are GPU-bound: eager costs them little
+MAX_GRAPH_PREFILL = 512  # padded tokens; more are GPU-bound: eager costs them little
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,14 @@ def attention_bucket(longest: int, max_seq: int) -> int:
     return min(size, max_seq + 1)
 
 
+def prefill_rows(count: int) -> int:
+    """Smallest power of two ≥ count: the rows of a graphed prefill."""
+    size = 1
+    while size < count:
+        size *= 2
+    return size
+
+
 def prefill_bucket(width: int) -> int:
     """Smallest power of two ≥ width, at least MIN_PREFILL_BUCKET: the padded width of a graphed
     prefill chunk."""
@@ -107,8 +116,8 @@ class DecoderRunner:
         compile_decode: bool | None = None,
         static_prefill: bool | None = None,
     ) -> None:
-        """``static_prefill`` (default: with ``use_graphs``): one sequence's prefill chunk runs padded,
-        on fixed input buffers, as a graph can replay it; without graphs it runs that way eagerly."""
+        """``static_prefill`` (default: with ``use_graphs``): a step's prefill chunks run padded, on
+        fixed input buffers, as a graph can replay them; without graphs they run that way eagerly."""
         spec = model.spec
         self.model = model
         self.device = model.device
@@ -126,11 +135,12 @@ class DecoderRunner:
         self.positions = torch.full((max_batch, 1), max_seq, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.static_prefill = self.use_graphs if static_prefill is None else static_prefill
-        self.prefill_graphs: dict[tuple[int, int, bool], _Graph] = {}
-        self.prefill_tokens = torch.zeros(1, MAX_GRAPH_PREFILL, dtype=torch.long, device=self.device)
-        self.prefill_positions = torch.zeros(1, MAX_GRAPH_PREFILL, dtype=torch.long, device=self.device)
-        self.prefill_last = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.prefill_slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.prefill_graphs: dict[tuple[int, int, int, bool], _Graph] = {}
+        self.prefill_tokens = torch.zeros(MAX_GRAPH_PREFILL, dtype=torch.long, device=self.device)
+        self.prefill_positions = torch.zeros(MAX_GRAPH_PREFILL, dtype=torch.long, device=self.device)
+        max_rows = MAX_GRAPH_PREFILL // MIN_PREFILL_BUCKET
+        self.prefill_last = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        self.prefill_slot = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self.pool: Any = None
         self.capture_s = 0.0
         self.step_model: Any = model
@@ -143,8 +153,13 @@ class DecoderRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor | None]:
-        """Logits [V] for each chunk that wants them. Chunks of neighbouring slots run as one padded
-        batch: padding and the rows of other slots in the range sit at the scratch position."""
+        """Logits [V] for each chunk that wants them. With ``static_prefill`` all the chunks run as one
+        padded batch when it fits the graphs' limit; otherwise chunks of neighbouring slots run as one
+        padded batch: padding and the rows of other slots in the range sit at the scratch position."""
+        if self.static_prefill and chunks:
+            rows, width = prefill_rows(len(chunks)), prefill_bucket(max(len(c.tokens) for c in chunks))
+            if rows * width <= MAX_GRAPH_PREFILL:
+                return self._prefill_static(chunks, rows, width)
         by_slot = sorted(range(len(chunks)), key=lambda i: chunks[i].slot)
         results: list[torch.Tensor | None] = [None] * len(chunks)
         run: list[int] = []
@@ -161,9 +176,6 @@ class DecoderRunner:
         self, chunks: list[PrefillChunk], order: list[int], results: list[torch.Tensor | None]
     ) -> None:
         width = max(len(c.tokens) for c in chunks)
-        if self.static_prefill and len(chunks) == 1 and width <= MAX_GRAPH_PREFILL:
-            results[order[0]] = self._prefill_static(chunks[0])
-            return
         scratch = self.cache.scratch_position
         tokens = torch.zeros(len(chunks), width, dtype=torch.long)
         positions = torch.full((len(chunks), width), scratch, dtype=torch.long)
@@ -186,37 +198,51 @@ class DecoderRunner:
             if chunk.want_logits and logits is not None:
                 results[index] = logits[row]
 
-    def _prefill_static(self, chunk: PrefillChunk) -> torch.Tensor | None:
-        """One sequence's chunk, padded to its bucket, through the fixed prefill buffers: replayed
-        from a CUDA graph when graphs are on. Returns a copy of the logits (the graph's output
-        buffer is overwritten by its next replay)."""
-        n = len(chunk.tokens)
-        width = prefill_bucket(n)
-        attn_len = attention_bucket(chunk.start + n, self.max_seq)
-        tokens, positions = self.prefill_tokens[:, :width], self.prefill_positions[:, :width]
-        tokens.zero_()
-        positions.fill_(self.cache.scratch_position)  # padding writes the scratch row, never read
-        tokens[0, :n] = to_device(torch.tensor(list(chunk.tokens)), self.device)
-        positions[0, :n] = torch.arange(chunk.start, chunk.start + n, device=self.device)
-        self.prefill_last.fill_(n - 1)
-        self.prefill_slot.fill_(chunk.slot)
+    def _prefill_static(
+        self, chunks: Sequence[PrefillChunk], rows: int, width: int
+    ) -> list[torch.Tensor | None]:
+        """The chunks as ``rows`` rows of ``width`` tokens on the fixed prefill buffers: replayed from a
+        CUDA graph when graphs are on. Rows past the chunks sit wholly at the scratch position (of the
+        first chunk's slot). Returns copies of the logits (the graph's output buffer is overwritten by
+        its next replay)."""
+        scratch = self.cache.scratch_position
+        tokens = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.full((rows, width), scratch, dtype=torch.long)  # padding writes the scratch row
+        last = torch.zeros(rows, dtype=torch.long)
+        slots = torch.full((rows,), chunks[0].slot, dtype=torch.long)
+        for row, chunk in enumerate(chunks):
+            n = len(chunk.tokens)
+            tokens[row, :n] = torch.tensor(list(chunk.tokens))
+            positions[row, :n] = torch.arange(chunk.start, chunk.start + n)
+            last[row], slots[row] = n - 1, chunk.slot
+        static_tokens = self.prefill_tokens[: rows * width].view(rows, width)
+        static_positions = self.prefill_positions[: rows * width].view(rows, width)
+        static_last, static_slots = self.prefill_last[:rows], self.prefill_slot[:rows]
+        for target, source in ((static_tokens, tokens), (static_positions, positions), (static_last, last),
+                               (static_slots, slots)):  # fmt: skip
+            target.copy_(to_device(source, self.device))
+        want_logits = any(c.want_logits for c in chunks)
+        attn_len = attention_bucket(max(c.start + len(c.tokens) for c in chunks), self.max_seq)
 
         def run() -> torch.Tensor | None:
             return self.model(
-                tokens, positions, self.cache, 0, attn_len, last_index=self.prefill_last,
-                want_logits=chunk.want_logits, slot_index=self.prefill_slot,
+                static_tokens, static_positions, self.cache, 0, attn_len, last_index=static_last,
+                want_logits=want_logits, slot_index=static_slots,
             )  # fmt: skip
 
         if not self.use_graphs:
             logits = run()
         else:
-            key = (width, attn_len, chunk.want_logits)
+            key = (rows, width, attn_len, want_logits)
             graph = self.prefill_graphs.get(key)
             if graph is None:  # one warm-up: it writes what the replay rewrites
                 graph = self.prefill_graphs[key] = self._captured(run, warmups=1)
             graph.graph.replay()
-            logits = graph.logits if chunk.want_logits else None
-        return None if logits is None else logits[0].clone()
+            logits = graph.logits if want_logits else None
+        return [
+            logits[row].clone() if chunk.want_logits and logits is not None else None
+            for row, chunk in enumerate(chunks)
+        ]
 
     def _captured(self, run: Any, warmups: int) -> _Graph:
         """``run()`` (returning logits or None) captured as a CUDA graph in the runner's shared

@@ -3,13 +3,13 @@
 At decode's row counts a low-bit matmul is a stream of weight bytes, and Triton's tensor-core tiles
 spend more instructions per byte than the copy rate allows (int4: 19-35% of copy bandwidth on an
 H200, BENCHMARKS.md §5). ``csrc/gemv_cuda.cu`` has two kinds of kernel (its header explains them):
-- CUDA-core matrix-vector kernels (int8 at 1-2 rows, int4 at 1): 16-byte chunks of the weight,
-  integers turned into floats with byte permutes instead of conversion instructions, fp32 sums;
-- an int4 tensor-core kernel for 2-8 rows: one mma tile of 16 channels x 8 rows, so 8 rows cost
-  what 2 do.
-Both sum in a fixed order (deterministic) and read the Triton kernels' layouts, so
-``triton_kernels.int8_matmul`` / ``int4_matmul`` call them up to ``INT8_MAX_ROWS`` / ``INT4_MAX_ROWS``
-rows and keep the Triton tiles for more; nothing is repacked.
+- CUDA-core matrix-vector kernels (1-2 rows): 16-byte chunks of the weight, integers turned into
+  floats with byte permutes instead of conversion instructions, fp32 sums;
+- a tensor-core kernel for either scheme at up to 16 rows: mma tiles of 16 channels x 8 rows, the
+  integers made exact 16-bit floats with logic ops, the scales applied to the fp32 sums.
+The library picks between them by row count; both sum in a fixed order (deterministic) and read the
+Triton kernels' layouts, so ``triton_kernels.int8_matmul`` / ``int4_matmul`` call them up to
+``MAX_ROWS`` rows and keep the Triton tiles for more; nothing is repacked.
 
 Build (``native_build``): the first call compiles the source with nvcc for the GPU's architecture
 (a few seconds; no torch headers, so no ninja or Python headers either) into llmopt's cache,
@@ -38,10 +38,15 @@ SOURCE = Path(__file__).parent / "csrc" / "gemv_cuda.cu"
 LIBRARY_NAME = "gemv_cuda"
 DISABLE_ENV = "LLMOPT_CUDA_GEMV"
 NVCC_FLAGS = ("-O3", "-std=c++20", "-shared", "-Xcompiler", "-fPIC", "-DNDEBUG")
-# Row limits (csrc/gemv_cuda.cu: kMaxRows, kMaxMmaRows): from 3 rows the Triton tiles beat the int8
-# CUDA-core kernel; int4 runs 2-8 rows on the tensor cores (K a multiple of 128), where one n8 tile ends.
-INT8_MAX_ROWS = 2
-INT4_MAX_ROWS = 8
+# Row limits (csrc/gemv_cuda.cu): the CUDA-core kernels take 1-2 rows (kMaxRows; K a multiple of 16 for
+# int8, of the group for int4), the tensor-core kernel up to 16 (kMaxMmaRows: two n8 tiles; K a multiple
+# of 64 for int8, 128 for int4).
+CORE_MAX_ROWS = 2
+MAX_ROWS = 16
+# int8 past one row: the Triton tiles stream a large weight faster than these kernels (an H200, Llama-3-8B:
+# gate/up 32.8 against 34.7-36 us at 2-8 rows, the head 128 against 139-144), a small one slower (q/k/v
+# 13.3 against 10.4-11.2, o 10.1 against 8.1-8.7). Weights of more elements than this go to Triton.
+INT8_MAX_MULTIROW_WEIGHT = 32 << 20
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
@@ -96,8 +101,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.llmopt_int8_gemv.argtypes = [ptr, i32, ptr, ptr, i32, ptr, i32, i32, i32, i64, i64, ptr]
     lib.llmopt_int4_gemv.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, i32, i32, i32, i64, i64, ptr]
-    lib.llmopt_int4_mma_gemv.argtypes = lib.llmopt_int4_gemv.argtypes
-    lib.llmopt_int8_gemv.restype = lib.llmopt_int4_gemv.restype = lib.llmopt_int4_mma_gemv.restype = i32
+    lib.llmopt_mma_gemv.argtypes = [i32, *lib.llmopt_int4_gemv.argtypes]
+    lib.llmopt_int8_gemv.restype = lib.llmopt_int4_gemv.restype = lib.llmopt_mma_gemv.restype = i32
     lib.llmopt_gemv_max_rows.argtypes = [i32]
     lib.llmopt_gemv_max_rows.restype = i32
     return lib
@@ -113,8 +118,8 @@ def _library(device_index: int) -> ctypes.CDLL | None:
             print(f"llmopt: built the CUDA decode kernels in {seconds:.1f} s ({path})", file=sys.stderr)
         lib = load(path)
         limits = lib.llmopt_gemv_max_rows(0), lib.llmopt_gemv_max_rows(1)
-        if limits != (INT8_MAX_ROWS, INT4_MAX_ROWS):
-            raise _Unusable(f"{path} takes {limits} rows; this module expects {INT8_MAX_ROWS, INT4_MAX_ROWS}")
+        if limits != (MAX_ROWS, MAX_ROWS):
+            raise _Unusable(f"{path} takes {limits} rows; this module expects {MAX_ROWS}")
         if not torch.cuda.is_current_stream_capturing():  # a test launch must not land in a graph
             _self_test(lib, torch.device("cuda", device_index))
     except (BuildError, OSError, _Unusable) as exc:
@@ -134,26 +139,27 @@ def _library(device_index: int) -> ctypes.CDLL | None:
 
 
 def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
-    """One small product per kernel (int8 at one row; int4 at one row and at three, the tensor-core
-    kernel) against float64, so that a build this GPU or driver cannot run is caught at load time,
-    with a warning, rather than in the middle of a decode."""
+    """One small product per kernel (each scheme at one row, the CUDA-core kernel, and at 11, the
+    tensor-core kernel with two n8 tiles) against float64, so that a build this GPU or driver cannot
+    run is caught at load time, with a warning, rather than in the middle of a decode."""
     from llmopt.quant.triton_kernels import pack_int4_halves  # (imports this module)
 
     gen = torch.Generator().manual_seed(0)
     n, k, group = 48, 256, 64
-    x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(11, k, generator=gen).to(torch.bfloat16)
     q8, q4 = torch.randint(-127, 128, (n, k), generator=gen), torch.randint(-8, 8, (n, k), generator=gen)
     s8, s4 = torch.rand(n, generator=gen) / 64, torch.rand(n, k // group, generator=gen) / 8
     z4 = torch.randint(-8, 8, (n, k // group), generator=gen)
     w4 = (q4.double().view(n, -1, group) - z4.double().view(n, -1, 1)) * s4.double().view(n, -1, 1)
     cases = [
-        (1, q8.double() * s8.double()[:, None], lambda xs, out: int8_gemv(
-            xs, q8.to(device, torch.int8), s8.to(device, torch.bfloat16), out, lib=lib)),
+        (rows, q8.double() * s8.double()[:, None], lambda xs, out: int8_gemv(
+            xs, q8.to(device, torch.int8), s8.to(device, torch.bfloat16), out, lib=lib))
+        for rows in (1, 11)
     ] + [
         (rows, w4.view(n, k), lambda xs, out: int4_gemv(
             xs, pack_int4_halves(q4.to(device), group), s4.to(device, torch.bfloat16),
             (z4 + 8).to(device, torch.uint8), group, out, lib=lib))
-        for rows in (1, 3)
+        for rows in (1, 11)
     ]  # fmt: skip
     try:
         for rows, weight, run in cases:
@@ -171,23 +177,26 @@ def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "1") != "0"
 
 
-def _rows_ok(m: int, k: int, group: int | None) -> bool:
+def _rows_ok(m: int, n: int, k: int, group: int | None) -> bool:
     if group is None:  # int8
-        return 1 <= m <= INT8_MAX_ROWS and k % 16 == 0
+        if m > 1 and n * k > INT8_MAX_MULTIROW_WEIGHT:
+            return False
+        return (1 <= m <= CORE_MAX_ROWS and k % 16 == 0) or (1 <= m <= MAX_ROWS and k % 64 == 0)
     group_ok = group >= 32 and group & (group - 1) == 0 and k % group == 0
-    return group_ok and (1 <= m <= 2 or (m <= INT4_MAX_ROWS and k % 128 == 0))
+    return group_ok and (1 <= m <= CORE_MAX_ROWS or (1 <= m <= MAX_ROWS and k % 128 == 0))
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, k: int, group: int | None = None) -> bool:
-    """Whether the CUDA kernels take this call: a bf16/fp16 CUDA x of 1-2 rows with K a multiple of 16
-    (int8), or 1-8 rows (int4; group a power of two >= 32 dividing K; more than 2 rows need K a
-    multiple of 128); a 16-byte aligned contiguous weight; and the library builds here."""
+    """Whether the CUDA kernels take this call: a bf16/fp16 CUDA x of 1-2 rows, or up to 16 rows with K
+    a multiple of 64 (int8) or 128 (int4); int8 K a multiple of 16 and, past one row, a weight of at
+    most INT8_MAX_MULTIROW_WEIGHT elements; int4 groups a power of two >= 32 dividing K; a 16-byte
+    aligned contiguous weight; and the library builds here."""
     return (
         x.is_cuda
         and weight.is_contiguous()
         and weight.data_ptr() % 16 == 0
         and x.dtype in _ACTIVATION_DTYPES
-        and _rows_ok(x.shape[0], k, group)
+        and _rows_ok(x.shape[0], weight.shape[0], k, group)
         and enabled()
         and _library(x.device.index or 0) is not None
     )
@@ -209,20 +218,24 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
-              lib: ctypes.CDLL | None = None) -> torch.Tensor:  # fmt: skip
-    """``out = x @ (q * scale[:, None]).T`` for x (M <= 2, K) bf16/fp16, q (N, K) int8, scale (N,).
-    ``lib``: another build of the library (sweeps, the self-test), else the checked one."""
+              lib: ctypes.CDLL | None = None, tensor_cores: bool = False) -> torch.Tensor:  # fmt: skip
+    """``out = x @ (q * scale[:, None]).T`` for x (M <= 16, K) bf16/fp16, q (N, K) int8, scale (N,).
+    ``tensor_cores`` forces the tensor-core kernel at any row count (K a multiple of 64; for sweeps),
+    ``lib`` another build of the library (sweeps, the self-test), else the checked one."""
     if lib is None:
-        assert usable(x, q, q.shape[1])
+        assert tensor_cores or usable(x, q, q.shape[1])
         lib = _library(x.device.index or 0)
     assert lib is not None
     x = _aligned(x)
     (m, k), n = x.shape, q.shape[0]
     with torch.cuda.device(x.device):  # the library launches on the calling thread's current device
-        code = lib.llmopt_int8_gemv(
-            x.data_ptr(), _DTYPE_CODES[x.dtype], q.data_ptr(), scale.data_ptr(), _DTYPE_CODES[scale.dtype],
-            out.data_ptr(), m, n, k, x.stride(0), out.stride(0), _stream(x),
-        )  # fmt: skip
+        args = (x.data_ptr(), _DTYPE_CODES[x.dtype], q.data_ptr(), scale.data_ptr(),
+                _DTYPE_CODES[scale.dtype])  # fmt: skip
+        tail = (out.data_ptr(), m, n, k)
+        if tensor_cores:
+            code = lib.llmopt_mma_gemv(0, *args, None, *tail, 0, x.stride(0), out.stride(0), _stream(x))
+        else:
+            code = lib.llmopt_int8_gemv(*args, *tail, x.stride(0), out.stride(0), _stream(x))
     _check(code, "int8")
     return out
 
@@ -237,16 +250,16 @@ def int4_gemv(
     lib: ctypes.CDLL | None = None,
     tensor_cores: bool = False,
 ) -> torch.Tensor:
-    """``out = x @ dequant(W).T`` for the half-split int4 layout (triton_kernels.pack_int4_halves), x (M <= 8,
-    K): one row on the CUDA cores, more on the tensor cores. ``tensor_cores`` forces the tensor-core
-    kernel at any row count (K a multiple of 128; for sweeps), ``lib`` another build of the library."""
+    """``out = x @ dequant(W).T`` for the half-split int4 layout (triton_kernels.pack_int4_halves), x
+    (M <= 16, K). ``tensor_cores`` forces the tensor-core kernel at any row count (K a multiple of 128; for
+    sweeps), ``lib`` another build of the library."""
     if lib is None:
         assert tensor_cores or usable(x, packed, packed.shape[1] * 2, group)
         lib = _library(x.device.index or 0)
     assert lib is not None
     x = _aligned(x)
     (m, k), n = x.shape, packed.shape[0]
-    entry = lib.llmopt_int4_mma_gemv if tensor_cores else lib.llmopt_int4_gemv
+    entry = functools.partial(lib.llmopt_mma_gemv, 1) if tensor_cores else lib.llmopt_int4_gemv
     with torch.cuda.device(x.device):
         code = entry(
             x.data_ptr(), _DTYPE_CODES[x.dtype], packed.data_ptr(), scale.data_ptr(),

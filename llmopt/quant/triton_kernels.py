@@ -1,8 +1,9 @@
 """Triton kernels for weight-only int8 and int4 matmuls on the GPU.
 
 ``int8_matmul`` / ``int4_matmul`` are llmopt's GPU low-bit matmuls. Decode's few rows go first to
-the CUDA C++ kernels of ``cuda_gemv`` (int8 at 1-2 rows, int4 at 1-8; faster there, BENCHMARKS.md §5)
-when nvcc can build them; everything else runs here.
+the CUDA C++ kernels of ``cuda_gemv`` (int4 at 1-16 rows; int8 at 1 row, and at 2-16 for weights of
+at most 32 Mi elements; faster there, BENCHMARKS.md §5) when nvcc can build them; everything else
+runs here.
 
 One Triton kernel family serves every row count: a tile of ``BLOCK_M`` rows of ``x`` meets a tile of
 the low-bit weight that is loaded as integers, dequantized in registers and fed to ``tl.dot``

@@ -1,5 +1,6 @@
-// llmopt's weight-only int8 / int4 matrix-vector kernels for decode on NVIDIA GPUs: int8 at 1-2 rows of
-// x and int4 at 1 row on the CUDA cores; int4 at 2-8 rows on the tensor cores (see int4_mma_kernel).
+// llmopt's weight-only int8 / int4 matrix-vector kernels for decode on NVIDIA GPUs: on the CUDA cores at
+// 1-2 rows of x (int8_gemv_kernel, int4_gemv_kernel), on the tensor cores at up to 16 rows
+// (mma_gemv_kernel, further down, for either scheme). The entry points pick by row count.
 //
 // out[m, n] = sum_k x[m, k] * dequant(W)[n, k] for a few rows m. At these row counts the matmul is a
 // stream of the weight's bytes, so the kernel is built around reading them at the copy rate and doing
@@ -276,25 +277,39 @@ __global__ void __launch_bounds__(kThreads) int4_gemv_kernel(const T* __restrict
   if (team.writer && lane < R * M && m < m_rows && team.n0 + r < n) out[m * ldo + team.n0 + r] = from_float<T>(total);
 }
 
-// ---- int4 on the tensor cores (1 to 8 rows of x) ----
-// A warp computes a 16-channel x 8-row tile with mma.sync m16n8k16 (fp32 sums); the block's WARPS
-// warps split K and their tiles are summed in warp order. Thread t (g = t / 4, tig = t % 4) loads 16
-// bytes of channels g and g + 8 at byte 16 * tig of each 64-byte chunk: four words, each 4 bytes of
-// one group. A word's low nibbles are 4 consecutive inputs, its high nibbles the 4 inputs half a group
-// later, so each word feeds two mma steps. The mma's k slots need not be consecutive inputs: thread
-// tig's slots 2tig, 2tig + 1 take the word's bytes 0, 1 and slots 2tig + 8, 2tig + 9 bytes 2, 3, and
-// the x operand is loaded at the same inputs (x[g, i .. i + 3], one 8-byte load), so A and B agree.
-// Nibbles become 16-bit floats with a byte permute and one logic op (0x4300 | nib = 128 + nib in
-// bf16, 0x6400 | nib = 1024 + nib in fp16), then (v - (offset + zero)) * scale, exactly as the Triton
-// kernels dequantize (one rounding, in the activation's type).
+// ---- The tensor-core kernels (int8 and int4, 1 to 16 rows of x) ----
+// A warp computes 16 channels x 8 rows of x per n8 tile (NT tiles: 8 or 16 rows) with mma.sync
+// m16n8k16 and fp32 sums; the block's WARPS warps split K and their tiles are summed in warp order.
+// The row bytes are read in 64-byte chunks: thread t (g = t / 4, tig = t % 4) loads 16 bytes of
+// channels g and g + 8 at byte 16 * tig of a chunk, four 32-bit words of each. A word holds 4
+// consecutive inputs (int8), or 4 consecutive inputs in its low nibbles and the 4 inputs half a group
+// later in its high nibbles (int4), so it feeds one mma step (int8) or two (int4).
+// The mma's k slots need not be consecutive inputs, only the same for the weight (A) and x (B): thread
+// tig's slots 2tig, 2tig + 1 take a word's bytes 0 and 2, slots 2tig + 8, 2tig + 9 its bytes 1 and 3.
+// With that assignment a mask on the word itself puts a pair in the two 16-bit halves (no byte
+// permutes); x is loaded at the same 4 inputs (one 8-byte load) and its halves are paired to match.
+// Integers become 16-bit floats exactly, with logic ops and one subtraction:
+//   int8 fp16: (byte ^ 0x80) | 0x6400 is 1024 + q + 128; minus 1152 gives q.
+//   int8 bf16: the low 7 bits in 0x4300 (128 + low) minus 0x4300 or 0x4380 (128, or 256 when the sign
+//              bit is set) gives low - 128 * sign = q.
+//   int4: nibble | 0x4300 (bf16) or 0x6400 (fp16) is 128 + nibble or 1024 + nibble; minus (offset +
+//         zero) gives nibble - zero, in [-15, 15].
+// The products of these small integers with x are exact in the mma's fp32 sums; the per-channel (int8)
+// or per-group (int4; a 16-byte load never crosses a group) scale multiplies the sums, in fp32.
 template <typename T>
-struct Half2Ops;
+struct MmaOps;
 template <>
-struct Half2Ops<__nv_bfloat16> {
+struct MmaOps<__nv_bfloat16> {
   using V = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each half
-  static constexpr float kOffset = 128.0f;
+  static constexpr uint32_t kNibbleMagic = 0x43004300u;  // 128.0 in each half
+  static constexpr float kNibbleOffset = 128.0f;
   __device__ static V pair(float v) { return __float2bfloat162_rn(v); }
+  // int8 bytes in bits 0-7 and 16-23 of `b` (the rest anything) as a pair of bf16 integers.
+  __device__ static uint32_t int8_pair(uint32_t b) {
+    uint32_t low = (b & 0x007F007Fu) | 0x43004300u, sign = (b & 0x00800080u) | 0x43004300u;
+    V v = __hsub2(*reinterpret_cast<V*>(&low), *reinterpret_cast<V*>(&sign));
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -304,11 +319,16 @@ struct Half2Ops<__nv_bfloat16> {
   }
 };
 template <>
-struct Half2Ops<__half> {
+struct MmaOps<__half> {
   using V = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half
-  static constexpr float kOffset = 1024.0f;
+  static constexpr uint32_t kNibbleMagic = 0x64006400u;  // 1024.0 in each half
+  static constexpr float kNibbleOffset = 1024.0f;
   __device__ static V pair(float v) { return __float2half2_rn(v); }
+  __device__ static uint32_t int8_pair(uint32_t b) {
+    uint32_t biased = ((b ^ 0x00800080u) & 0x00FF00FFu) | 0x64006400u;  // 1024 + q + 128
+    V v = __hsub2(*reinterpret_cast<V*>(&biased), __float2half2_rn(1152.0f));
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -318,36 +338,154 @@ struct Half2Ops<__half> {
   }
 };
 
-// (v - zero) * scale on a pair of 16-bit floats held in `bits`, rounded once per operation in V's type.
-template <typename V>
-__device__ __forceinline__ V dequant_pair(uint32_t bits, V zero, V scale) {
-  return __hmul2(__hsub2(*reinterpret_cast<V*>(&bits), zero), scale);
+// Nibbles in bits 0-3 and 16-19 of `b` minus (offset + zero), as a 16-bit pair.
+template <typename T>
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t b, typename MmaOps<T>::V zero) {
+  using V = typename MmaOps<T>::V;
+  uint32_t biased = (b & 0x000F000Fu) | MmaOps<T>::kNibbleMagic;
+  V v = __hsub2(*reinterpret_cast<V*>(&biased), zero);
+  return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Nibbles of bytes 2p and 2p + 1 of `word` (low nibbles, or high with `high`) as a 16-bit pair
-// magic + nibble.
-__device__ __forceinline__ uint32_t nibble_pair(uint32_t word, int p, bool high, uint32_t magic) {
-  uint32_t t = __byte_perm(word, 0u, p == 0 ? 0x4140u : 0x4342u);  // bytes 2p, 2p+1 -> halves 0, 1
-  if (high) t >>= 4;
-  return (t & 0x000F000Fu) | magic;
+// x[row, i .. i + 3] (8 bytes, 16-bit) as the B operand pair for slots (i, i + 2) and (i + 1, i + 3).
+__device__ __forceinline__ void x_operand(const void* row, int i, bool ok, uint32_t& b0, uint32_t& b1) {
+  const uint2 v = ok ? *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(row) + i) : make_uint2(0, 0);
+  b0 = __byte_perm(v.x, v.y, 0x5410);
+  b1 = __byte_perm(v.x, v.y, 0x7632);
 }
 
-template <typename T, int WARPS, int U>
-__global__ void __launch_bounds__(WARPS * 32) int4_mma_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
+// What a tensor-core kernel computes: int8 with a per-channel scale, or int4 with a scale per group of
+// >= 128 inputs (a 64-byte chunk of a row, 128 inputs, lies in one group, so every mma step sums one
+// group and the scale multiplies its fp32 sums), or int4 with smaller groups (the 4 lanes of an mma
+// step read different groups: each weight is dequantized to (v - zero) * scale in 16 bits first, one
+// rounding, as the Triton kernels do).
+enum MmaMode : int { kInt8 = 0, kInt4ScaleSums = 1, kInt4ScaleWeights = 2 };
+
+// One thread's share of one 64-byte chunk of its block's 16 channels: the 16 bytes `wa` of channel
+// row_a and `wb` of row_a + 8 at byte `byte` of their rows, into acc (NT tiles of 8 x rows).
+template <typename T, int kMode, int NT>
+__device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, int byte, int row_a, int row_b, int group,
+                                          int groups, const void* __restrict__ scale, int scale_dtype,
+                                          const uint8_t* __restrict__ zero, const T* const (&x_row)[NT],
+                                          const bool (&x_ok)[NT], float (&acc)[NT][4]) {
+  using Ops = MmaOps<T>;
+  using V = typename Ops::V;
+  if constexpr (kMode == kInt8) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t word_a = word_of(wa, j), word_b = word_of(wb, j);
+      const uint32_t a[4] = {Ops::int8_pair(word_a), Ops::int8_pair(word_b), Ops::int8_pair(word_a >> 8),
+                             Ops::int8_pair(word_b >> 8)};
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        uint32_t b0, b1;
+        x_operand(x_row[t], byte + 4 * j, x_ok[t], b0, b1);
+        Ops::mma(acc[t], a, b0, b1);
+      }
+    }
+  } else {
+    const int half_group = group / 2, grp = byte / half_group;
+    const int first = grp * group + byte % half_group;  // the thread's first low-nibble input
+    const int64_t sa = (int64_t)row_a * groups + grp, sb = (int64_t)row_b * groups + grp;
+    const V zero_a = Ops::pair(Ops::kNibbleOffset + (float)zero[sa]);
+    const V zero_b = Ops::pair(Ops::kNibbleOffset + (float)zero[sb]);
+    const float s_a = load_scalar(scale, sa, scale_dtype), s_b = load_scalar(scale, sb, scale_dtype);
+    const V scale_a = Ops::pair(s_a), scale_b = Ops::pair(s_b);
+    float c[NT][4] = {};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int high = 0; high < 2; ++high) {
+        const uint32_t word_a = word_of(wa, j) >> (4 * high), word_b = word_of(wb, j) >> (4 * high);
+        uint32_t a[4] = {nibble_pair<T>(word_a, zero_a), nibble_pair<T>(word_b, zero_b),
+                         nibble_pair<T>(word_a >> 8, zero_a), nibble_pair<T>(word_b >> 8, zero_b)};
+        if constexpr (kMode == kInt4ScaleWeights) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            V v = __hmul2(*reinterpret_cast<V*>(&a[i]), i % 2 == 0 ? scale_a : scale_b);
+            a[i] = *reinterpret_cast<uint32_t*>(&v);
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          uint32_t b0, b1;
+          x_operand(x_row[t], first + high * half_group + 4 * j, x_ok[t], b0, b1);
+          Ops::mma(kMode == kInt4ScaleWeights ? acc[t] : c[t], a, b0, b1);
+        }
+      }
+    }
+    if constexpr (kMode == kInt4ScaleSums) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[t][i] = fmaf(c[t][i], i < 2 ? s_a : s_b, acc[t][i]);
+      }
+    }
+  }
+}
+
+// Sum the warps' tiles in warp order and write the block's 16 channels x m_rows outputs (int8: times
+// the channel's scale).
+template <typename T, int kMode, int NT, int WARPS>
+__device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)[32][NT * 4], int row_a, int row_b,
+                                           int n, int m_rows, const void* __restrict__ scale, int scale_dtype,
+                                           T* __restrict__ out, int64_t ldo) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tig = lane & 3;
+  if constexpr (WARPS > 1) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp][lane][t * 4 + i] = acc[t][i];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        acc[t][i] = 0.0f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) acc[t][i] += partial[v][lane][t * 4 + i];
+      }
+    }
+  }
+  float s_a = 1.0f, s_b = 1.0f;
+  if constexpr (kMode == kInt8) {
+    s_a = row_a < n ? load_scalar(scale, row_a, scale_dtype) : 0.0f;
+    s_b = row_b < n ? load_scalar(scale, row_b, scale_dtype) : 0.0f;
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // acc[t][i]: channel g (+ 8 for i >= 2), x row 8t + 2tig + (i & 1)
+      const int row = i < 2 ? row_a : row_b, col = t * 8 + 2 * tig + (i & 1);
+      if (row < n && col < m_rows) out[col * ldo + row] = from_float<T>(acc[t][i] * (i < 2 ? s_a : s_b));
+    }
+  }
+}
+
+// Weights read straight into registers: each thread loads its fragments' 16-byte pieces (16 rows x 64
+// bytes per warp load), U chunks in flight.
+template <typename T, int kMode, int NT, int WARPS, int U>
+__global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
                                                             const void* __restrict__ scale, int scale_dtype,
                                                             const uint8_t* __restrict__ zero, T* __restrict__ out,
                                                             int m_rows, int n, int k, int group, int64_t ldx,
                                                             int64_t ldo) {
-  using Ops = Half2Ops<T>;
-  using V = typename Ops::V;
-  __shared__ float partial[WARPS][32][4];
+  __shared__ float partial[WARPS > 1 ? WARPS : 1][32][NT * 4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
   const int row_a = blockIdx.x * 16 + g, row_b = row_a + 8;
-  const bool ok_a = row_a < n, ok_b = row_b < n, x_ok = g < m_rows;
-  const int64_t row_bytes = k / 2;
-  const int half_group = group / 2, groups = k / group, chunks = k / 128;  // a chunk: 64 bytes of a row
-  const T* x_row = x + (x_ok ? g : 0) * ldx;
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const bool ok_a = row_a < n, ok_b = row_b < n;
+  const int64_t row_bytes = kMode == kInt8 ? k : k / 2;
+  const int chunks = row_bytes / 64, groups = kMode == kInt8 ? 1 : k / group;
+  const T* x_row[NT];
+  bool x_ok[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    x_ok[t] = t * 8 + g < m_rows;
+    x_row[t] = x + (x_ok[t] ? t * 8 + g : 0) * ldx;
+  }
+  float acc[NT][4] = {};
   for (int base = warp; base < chunks; base += WARPS * U) {
     uint4 wa[U], wb[U];
 #pragma unroll
@@ -361,72 +499,60 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_kernel(const T* __restric
     for (int u = 0; u < U; ++u) {
       const int chunk = base + u * WARPS;
       if (chunk >= chunks) break;
-      const int byte = chunk * 64 + 16 * tig;
-      const int grp = byte / half_group;
-      const int lo = grp * group + byte % half_group;  // the thread's first low-nibble input
-      const int64_t sa = (int64_t)(ok_a ? row_a : 0) * groups + grp, sb = (int64_t)(ok_b ? row_b : 0) * groups + grp;
-      const V scale_a = Ops::pair(load_scalar(scale, sa, scale_dtype));
-      const V scale_b = Ops::pair(load_scalar(scale, sb, scale_dtype));
-      const V zero_a = Ops::pair(Ops::kOffset + (float)zero[sa]);
-      const V zero_b = Ops::pair(Ops::kOffset + (float)zero[sb]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t word_a = word_of(wa[u], j), word_b = word_of(wb[u], j);
-#pragma unroll
-        for (int high = 0; high < 2; ++high) {
-          const int input = lo + high * half_group + 4 * j;
-          const uint2 xv = x_ok ? *reinterpret_cast<const uint2*>(x_row + input) : make_uint2(0, 0);
-          uint32_t a[4];
-          V v;
-          v = dequant_pair<V>(nibble_pair(word_a, 0, high, Ops::kMagic), zero_a, scale_a);
-          a[0] = *reinterpret_cast<uint32_t*>(&v);
-          v = dequant_pair<V>(nibble_pair(word_b, 0, high, Ops::kMagic), zero_b, scale_b);
-          a[1] = *reinterpret_cast<uint32_t*>(&v);
-          v = dequant_pair<V>(nibble_pair(word_a, 1, high, Ops::kMagic), zero_a, scale_a);
-          a[2] = *reinterpret_cast<uint32_t*>(&v);
-          v = dequant_pair<V>(nibble_pair(word_b, 1, high, Ops::kMagic), zero_b, scale_b);
-          a[3] = *reinterpret_cast<uint32_t*>(&v);
-          Ops::mma(c, a, xv.x, xv.y);
-        }
-      }
+      mma_chunk<T, kMode, NT>(wa[u], wb[u], chunk * 64 + 16 * tig, ok_a ? row_a : 0, ok_b ? row_b : 0, group, groups,
+                              scale, scale_dtype, zero, x_row, x_ok, acc);
     }
   }
-  if constexpr (WARPS > 1) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][lane][i] = c[i];
-    __syncthreads();
-    if (warp != 0) return;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      c[i] = 0.0f;
-#pragma unroll
-      for (int v = 0; v < WARPS; ++v) c[i] += partial[v][lane][i];
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // c[i]: channel g (+ 8 for i >= 2), x row 2 * tig + (i & 1)
-    const int row = i < 2 ? row_a : row_b, col = 2 * tig + (i & 1);
-    if (row < n && col < m_rows) out[col * ldo + row] = from_float<T>(c[i]);
-  }
+  mma_finish<T, kMode, NT, WARPS>(acc, partial, row_a, row_b, n, m_rows, scale, scale_dtype, out, ldo);
 }
 
-// 8 warps per block, one chunk in flight per thread: within 10% of the best of 9 shapes on every
-// Llama-3-8B layer at 1-8 rows on an H200 (examples/gpu_lowbit_kernels.py gemv-mma). -D overrides.
+// Warps per block and chunks in flight, per scheme and tile count, from a sweep of 9 shapes on an H200
+// over Llama-3-8B's layers at 1-16 rows (examples/gpu_lowbit_kernels.py gemv-mma; BENCHMARKS.md §5):
+// int8 16 warps x 2 chunks at 1-8 rows, 8 x 1 at 9-16; int4 8 x 1, or 16 x 1 for rows of >= 96 chunks
+// (down_proj: 4 warps' K-split left each warp 14 chunks). -DMMA_WARPS / -DMMA_UNROLL force one shape.
+template <typename T, int kMode, int NT, int WARPS, int U>
+cudaError_t launch_mma_shape(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero,
+                             void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
+  const dim3 grid((n + 15) / 16);
+  mma_gemv_kernel<T, kMode, NT, WARPS, U><<<grid, WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const uint8_t*>(w), scale, scale_dtype, static_cast<const uint8_t*>(zero),
+      static_cast<T*>(out), m, n, k, group, ldx, ldo);
+  return cudaGetLastError();
+}
+
+template <typename T, int kMode, int NT>
+cudaError_t launch_mma_mode(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero,
+                            void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
+#if defined(MMA_WARPS) || defined(MMA_UNROLL)
 #ifndef MMA_WARPS
 #define MMA_WARPS 8
 #endif
 #ifndef MMA_UNROLL
 #define MMA_UNROLL 1
 #endif
+  return launch_mma_shape<T, kMode, NT, MMA_WARPS, MMA_UNROLL>(x, w, scale, scale_dtype, zero, out, m, n, k, group,
+                                                                ldx, ldo, stream);
+#else
+  const int chunks = (kMode == kInt8 ? k : k / 2) / 64;
+  if (kMode == kInt8 && NT == 1) {
+    return launch_mma_shape<T, kMode, NT, 16, 2>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
+  }
+  if (kMode != kInt8 && NT == 1 && chunks >= 96) {
+    return launch_mma_shape<T, kMode, NT, 16, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
+  }
+  return launch_mma_shape<T, kMode, NT, 8, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
+#endif
+}
 
-template <typename T>
-cudaError_t launch_int4_mma(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero,
-                            void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
-  const dim3 grid((n + 15) / 16);
-  int4_mma_kernel<T, MMA_WARPS, MMA_UNROLL><<<grid, MMA_WARPS * 32, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const uint8_t*>(w), scale, scale_dtype, static_cast<const uint8_t*>(zero),
-      static_cast<T*>(out), m, n, k, group, ldx, ldo);
-  return cudaGetLastError();
+template <typename T, bool kInt4>
+cudaError_t launch_mma(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero, void* out,
+                       int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
+  auto go = [&]<int kMode>() {
+    return m <= 8 ? launch_mma_mode<T, kMode, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream)
+                  : launch_mma_mode<T, kMode, 2>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
+  };
+  if constexpr (!kInt4) return go.template operator()<kInt8>();
+  return group >= 128 ? go.template operator()<kInt4ScaleSums>() : go.template operator()<kInt4ScaleWeights>();
 }
 
 // The work's shape per row count (rows per team R, chunks in flight U, warps per team KSPLIT), from a
@@ -454,7 +580,17 @@ using Int4Shape = std::conditional_t<M == 1, WorkShape<4, 1, 2>, WorkShape<4, 2,
 #endif
 
 constexpr int kMaxRows = 2;      // the CUDA-core kernels
-constexpr int kMaxMmaRows = 8;   // the int4 tensor-core kernel: one n8 tile
+constexpr int kMaxMmaRows = 16;  // the tensor-core kernel: two n8 tiles
+
+// From how many rows each scheme takes the tensor-core kernel (where K allows; at most 3, since the
+// CUDA-core kernels stop at 2 rows). -D overrides (sweeps).
+#ifndef INT8_MMA_FROM
+#define INT8_MMA_FROM 3
+#endif
+#ifndef INT4_MMA_FROM
+#define INT4_MMA_FROM 2
+#endif
+static_assert(INT8_MMA_FROM <= kMaxRows + 1 && INT4_MMA_FROM <= kMaxRows + 1, "rows no kernel takes");
 
 template <typename T, int M>
 cudaError_t launch_int8(const void* x, const void* w, const void* scale, int scale_dtype, void* out, int m, int n,
@@ -496,13 +632,35 @@ cudaError_t dispatch(int x_dtype, int m, Launch launch) {
 extern "C" {
 
 // The largest row count llmopt_int8_gemv (scheme 0) and llmopt_int4_gemv (scheme 1) take.
-int llmopt_gemv_max_rows(int scheme) { return scheme == 0 ? kMaxRows : kMaxMmaRows; }
+int llmopt_gemv_max_rows(int scheme) { return kMaxMmaRows; }
 
-// out (m, n) = x (m, k) @ (q * scale[:, None]).T; q (n, k) int8 row-major, k a multiple of 16, x and out
-// rows 16-byte aligned with leading dimensions ldx / ldo (elements). dtypes: 1 = bf16, 2 = fp16 (x and
-// out); scale 0 = fp32, 1 = bf16, 2 = fp16.
+// The tensor-core kernel for either scheme at 1 to 16 rows: K a multiple of 64 (int8) or 128 (int4).
+int llmopt_mma_gemv(int int4, const void* x, int x_dtype, const void* w, const void* scale, int scale_dtype,
+                    const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
+                    void* stream) {
+  if (m < 1 || m > kMaxMmaRows || k % (int4 ? 128 : 64) != 0) return cudaErrorInvalidValue;
+  if (int4 && (group < 32 || (group & (group - 1)) != 0 || k % group != 0)) return cudaErrorInvalidValue;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (x_dtype == kBFloat16) {
+    return int4 ? launch_mma<__nv_bfloat16, true>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s)
+                : launch_mma<__nv_bfloat16, false>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s);
+  }
+  if (x_dtype == kFloat16) {
+    return int4 ? launch_mma<__half, true>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s)
+                : launch_mma<__half, false>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// out (m, n) = x (m, k) @ (q * scale[:, None]).T; q (n, k) int8 row-major, x and out rows 16-byte
+// aligned with leading dimensions ldx / ldo (elements). dtypes: 1 = bf16, 2 = fp16 (x and out); scale
+// 0 = fp32, 1 = bf16, 2 = fp16. From INT8_MMA_FROM rows (K a multiple of 64) on the tensor cores, up to
+// 16 rows; below, or for other K at 1-2 rows (K a multiple of 16), on the CUDA cores.
 int llmopt_int8_gemv(const void* x, int x_dtype, const void* q, const void* scale, int scale_dtype, void* out, int m,
                      int n, int k, int64_t ldx, int64_t ldo, void* stream) {
+  if (m >= INT8_MMA_FROM && k % 64 == 0) {
+    return llmopt_mma_gemv(0, x, x_dtype, q, scale, scale_dtype, nullptr, out, m, n, k, 0, ldx, ldo, stream);
+  }
   if (k % 16 != 0) return cudaErrorInvalidValue;
   auto launch = [&]<typename T, int M>() {
     return launch_int8<T, M>(x, q, scale, scale_dtype, out, m, n, k, ldx, ldo, static_cast<cudaStream_t>(stream));
@@ -511,41 +669,21 @@ int llmopt_int8_gemv(const void* x, int x_dtype, const void* q, const void* scal
 }
 
 // out (m, n) = x (m, k) @ dequant(W).T for the half-split int4 layout: packed (n, k/2) bytes, scale and
-// zero (n, k/group), zero stored as zp + 8; group a power of two >= 32 dividing k. One row runs on the
-// CUDA cores; 2 to 8 rows on the tensor cores when k is a multiple of 128 (else 2 rows on the CUDA
-// cores, and more are refused).
-int llmopt_int4_gemv(const void* x, int x_dtype, const void* packed, const void* scale, int scale_dtype,
-                     const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
-                     void* stream);
-int llmopt_int4_mma_gemv(const void* x, int x_dtype, const void* packed, const void* scale, int scale_dtype,
-                         const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
-                         void* stream);
-
+// zero (n, k/group), zero stored as zp + 8; group a power of two >= 32 dividing k. From INT4_MMA_FROM
+// rows (K a multiple of 128) on the tensor cores, up to 16 rows; below, or for other K at 1-2 rows, on
+// the CUDA cores.
 int llmopt_int4_gemv(const void* x, int x_dtype, const void* packed, const void* scale, int scale_dtype,
                      const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
                      void* stream) {
   if (group < 32 || (group & (group - 1)) != 0 || k % group != 0) return cudaErrorInvalidValue;
-  if (m >= 2 && k % 128 == 0) {
-    return llmopt_int4_mma_gemv(x, x_dtype, packed, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
+  if (m >= INT4_MMA_FROM && k % 128 == 0) {
+    return llmopt_mma_gemv(1, x, x_dtype, packed, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
   }
   auto launch = [&]<typename T, int M>() {
     return launch_int4<T, M>(x, packed, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo,
                              static_cast<cudaStream_t>(stream));
   };
   return dispatch(x_dtype, m, launch);
-}
-
-// llmopt_int4_gemv on the tensor cores at any of 1 to 8 rows (k a multiple of 128); sweeps call it directly.
-int llmopt_int4_mma_gemv(const void* x, int x_dtype, const void* packed, const void* scale, int scale_dtype,
-                         const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
-                         void* stream) {
-  if (group < 32 || (group & (group - 1)) != 0 || k % group != 0 || k % 128 != 0 || m < 1 || m > kMaxMmaRows) {
-    return cudaErrorInvalidValue;
-  }
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (x_dtype == kBFloat16) return launch_int4_mma<__nv_bfloat16>(x, packed, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s);
-  if (x_dtype == kFloat16) return launch_int4_mma<__half>(x, packed, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s);
-  return cudaErrorInvalidValue;
 }
 
 }  // extern "C"
