@@ -118,13 +118,13 @@ def test_logits_match_transformers(name: str, static_prefill: bool):
 
 
 def test_static_prefill_takes_batches_up_to_its_limit():
-    """Prefill batches of up to MAX_GRAPH_PREFILL padded tokens (rows x width, each a power of two)
-    run on the fixed (graph) buffers, larger ones eagerly; both give the plain path's logits."""
+    """Prefill batches of up to MAX_GRAPH_PREFILL padded tokens (rows a power of two x the width
+    bucket) run on the fixed (graph) buffers, larger ones eagerly; both give the plain path's logits."""
     from llmopt.engine import runner as runner_module
 
-    hf = random_model("llama", {"max_position_embeddings": 1200})
-    model = DecoderModel(hf)
     limit = runner_module.MAX_GRAPH_PREFILL
+    hf = random_model("llama", {"max_position_embeddings": limit + 16})
+    model = DecoderModel(hf)
     seq = torch.randint(0, BASE["vocab_size"], (limit + 1,), generator=torch.Generator().manual_seed(3))
     plain = DecoderRunner(model, max_batch=4, max_seq=limit + 8, use_graphs=False)
     static = DecoderRunner(model, max_batch=4, max_seq=limit + 8, use_graphs=False, static_prefill=True)
@@ -137,19 +137,21 @@ def test_static_prefill_takes_batches_up_to_its_limit():
 
     static._prefill_static = spy  # type: ignore[method-assign]
     quarter = limit // 4
+    wide = runner_module.prefill_bucket(quarter + 1)  # a quarter + 1 rounds up to less than a half
+    assert quarter < wide < limit // 2
     batches = [
-        [(1, limit)],  # one row of 512: static
-        [(1, limit + 1)],  # 1,024 padded: eager
-        [(0, quarter), (1, quarter - 3), (3, 5)],  # 4 rows (one missing) x 128: static
-        [(0, quarter + 1), (1, 5)],  # 2 rows x 256: static
-        [(0, quarter + 1), (1, 5), (3, 9)],  # 4 rows x 256: eager
+        [(1, limit)],  # one row at the limit: static
+        [(1, limit + 1)],  # one more: eager
+        [(0, quarter), (1, quarter - 3), (3, 5)],  # 4 rows (one missing) x a quarter: static
+        [(0, quarter + 1), (1, 5)],  # 2 rows x `wide`: static
+        [(0, quarter + 1), (1, 5), (3, 9)],  # 4 rows x `wide`: eager
     ]
     for batch in batches:
         chunks = [PrefillChunk(slot, seq[:n].tolist(), 0, True) for slot, n in batch]
         for want, got in zip(plain.prefill(chunks), static.prefill(chunks), strict=True):
             assert want is not None and got is not None
             assert (got - want).abs().max().item() < TOLERANCE
-    assert taken == [(1, limit), (4, quarter), (2, 2 * quarter)]
+    assert taken == [(1, limit), (4, quarter), (2, wide)]
 
 
 def test_other_architectures_are_reported_unsupported():

@@ -11,9 +11,9 @@ cache's scratch position and their outputs are ignored.
 Prefill is host-bound at short prompts (a 128-token prompt on an 8B model: ~1,300 kernels, each
 costing more to issue than to run), so a step's prefill chunks are also replayed from a CUDA graph
 when their padded size, rows x width, is at most ``MAX_GRAPH_PREFILL`` tokens: captured once per
-(rows bucket, width bucket, attention bucket, logits wanted). Each chunk is a row padded to a
-power of two with tokens at the scratch position, missing rows are all scratch, and the rows'
-slots are an input tensor, so one graph serves any slots.
+(rows bucket, width bucket, attention bucket, logits wanted). Each chunk is a row padded to its
+width bucket (``prefill_bucket``) with tokens at the scratch position, missing rows are all
+scratch, and the rows' slots are an input tensor, so one graph serves any slots.
 
 ``TransformersRunner`` runs any other causal LM through transformers, one sequence at a time
 with its own dynamic cache per slot: slow, but every model works.
@@ -34,7 +34,10 @@ from llmopt.engine.model import DecoderModel
 
 MIN_ATTN_BUCKET = 64
 MIN_PREFILL_BUCKET = 16
-MAX_GRAPH_PREFILL = 512  # padded tokens; more are GPU-bound: eager costs them little
+COARSE_PREFILL_BUCKETS_FROM = 512  # widths past it round up to multiples of 256, not powers of two
+# Padded tokens of a graphed prefill. At 1,024 tokens an eager quantized prefill was still host-bound
+# on some H200 hosts (BENCHMARKS.md §5); past 2,048 the GPU time dominates on any of them.
+MAX_GRAPH_PREFILL = 2048
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,11 @@ def prefill_rows(count: int) -> int:
 
 
 def prefill_bucket(width: int) -> int:
-    """Smallest power of two ≥ width, at least MIN_PREFILL_BUCKET: the padded width of a graphed
-    prefill chunk."""
+    """The padded width of a graphed prefill chunk: the smallest power of two ≥ width (at least
+    MIN_PREFILL_BUCKET) up to COARSE_PREFILL_BUCKETS_FROM, then the smallest multiple of 256, where
+    padding to a power of two would cost GPU time (600 tokens would run as 1,024)."""
+    if width > COARSE_PREFILL_BUCKETS_FROM:
+        return -(-width // 256) * 256
     size = MIN_PREFILL_BUCKET
     while size < width:
         size *= 2
