@@ -140,27 +140,30 @@ def _library(device_index: int) -> ctypes.CDLL | None:
 
 def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
     """One small product per kernel (each scheme at one row, the CUDA-core kernel, and at 11, the
-    tensor-core kernel with two n8 tiles) against float64, so that a build this GPU or driver cannot
-    run is caught at load time, with a warning, rather than in the middle of a decode."""
+    tensor-core kernel with two n8 tiles; int4 with groups of 64, dequantized per weight, and of 128,
+    scaled after the mma) against float64, so that a build this GPU or driver cannot run is caught at
+    load time, with a warning, rather than in the middle of a decode."""
     from llmopt.quant.triton_kernels import pack_int4_halves  # (imports this module)
 
     gen = torch.Generator().manual_seed(0)
-    n, k, group = 48, 256, 64
+    n, k = 48, 256
     x = torch.randn(11, k, generator=gen).to(torch.bfloat16)
     q8, q4 = torch.randint(-127, 128, (n, k), generator=gen), torch.randint(-8, 8, (n, k), generator=gen)
-    s8, s4 = torch.rand(n, generator=gen) / 64, torch.rand(n, k // group, generator=gen) / 8
-    z4 = torch.randint(-8, 8, (n, k // group), generator=gen)
-    w4 = (q4.double().view(n, -1, group) - z4.double().view(n, -1, 1)) * s4.double().view(n, -1, 1)
+    s8 = torch.rand(n, generator=gen) / 64
+
+    def int4_case(rows: int, group: int) -> tuple:
+        s4 = torch.rand(n, k // group, generator=gen) / 8
+        z4 = torch.randint(-8, 8, (n, k // group), generator=gen)
+        w4 = (q4.double().view(n, -1, group) - z4.double().view(n, -1, 1)) * s4.double().view(n, -1, 1)
+        return (rows, w4.view(n, k), lambda xs, out: int4_gemv(
+            xs, pack_int4_halves(q4.to(device), group), s4.to(device, torch.bfloat16),
+            (z4 + 8).to(device, torch.uint8), group, out, lib=lib))  # fmt: skip
+
     cases = [
         (rows, q8.double() * s8.double()[:, None], lambda xs, out: int8_gemv(
             xs, q8.to(device, torch.int8), s8.to(device, torch.bfloat16), out, lib=lib))
         for rows in (1, 11)
-    ] + [
-        (rows, w4.view(n, k), lambda xs, out: int4_gemv(
-            xs, pack_int4_halves(q4.to(device), group), s4.to(device, torch.bfloat16),
-            (z4 + 8).to(device, torch.uint8), group, out, lib=lib))
-        for rows in (1, 11)
-    ]  # fmt: skip
+    ] + [int4_case(rows, group) for rows, group in ((1, 64), (11, 64), (11, 128))]  # fmt: skip
     try:
         for rows, weight, run in cases:
             out = torch.full((rows, n), float("nan"), device=device, dtype=torch.bfloat16)

@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) int4_gemv_kernel(const T* __restrict
 //   int4: nibble | 0x4300 (bf16) or 0x6400 (fp16) is 128 + nibble or 1024 + nibble; minus (offset +
 //         zero) gives nibble - zero, in [-15, 15].
 // The products of these small integers with x are exact in the mma's fp32 sums; the per-channel (int8)
-// or per-group (int4; a 16-byte load never crosses a group) scale multiplies the sums, in fp32.
+// or per-group (int4, groups of >= 128) scale multiplies the sums, in fp32 (MmaMode below).
 template <typename T>
 struct MmaOps;
 template <>
