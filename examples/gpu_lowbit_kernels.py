@@ -470,12 +470,10 @@ def gemv_variants() -> list[tuple[str, ...]]:
 
 
 def mma_variants() -> list[tuple[str, ...]]:
-    """Work shapes of the tensor-core decode kernel: warps per block x chunks in flight (weights read
-    into registers), or x steps in flight (weights staged through shared memory)."""
+    """Work shapes of the tensor-core decode kernel: warps per block x chunks in flight. (A version that
+    staged the weights through shared memory was slower at every shape: BENCHMARKS.md §5.)"""
     shapes = itertools.product((4, 8, 16), (1, 2, 4))
-    registers = [(f"-DMMA_WARPS={w}", f"-DMMA_UNROLL={u}") for w, u in shapes]
-    staged = [(f"-DMMA_WARPS={w}", f"-DMMA_STAGES={s}") for w, s in itertools.product((4, 8), (3, 4, 6))]
-    return registers + staged
+    return [(f"-DMMA_WARPS={w}", f"-DMMA_UNROLL={u}") for w, u in shapes]
 
 
 def load_baseline(source: str, arch: str) -> ctypes.CDLL:
