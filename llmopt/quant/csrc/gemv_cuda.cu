@@ -509,7 +509,7 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
 // Warps per block and chunks in flight, per scheme and tile count, from a sweep of 9 shapes on an H200
 // over Llama-3-8B's layers at 1-16 rows (examples/gpu_lowbit_kernels.py gemv-mma; BENCHMARKS.md §5):
 // int8 16 warps x 2 chunks at 1-8 rows, 8 x 1 at 9-16; int4 8 x 1, or 16 x 1 for rows of >= 96 chunks
-// (down_proj: 4 warps' K-split left each warp 14 chunks). -DMMA_WARPS / -DMMA_UNROLL force one shape.
+// (down_proj: 8 warps left each warp 14 chunks in a row). -DMMA_WARPS / -DMMA_UNROLL force one shape.
 template <typename T, int kMode, int NT, int WARPS, int U>
 cudaError_t launch_mma_shape(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero,
                              void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
