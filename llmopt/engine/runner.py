@@ -31,6 +31,7 @@ import torch
 from llmopt.device import to_device
 from llmopt.engine.kv_cache import CacheShape, KVCache
 from llmopt.engine.model import DecoderModel
+from llmopt.quant.triton_kernels import pow2_at_least
 
 MIN_ATTN_BUCKET = 64
 MIN_PREFILL_BUCKET = 16
@@ -80,18 +81,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 def attention_bucket(longest: int, max_seq: int) -> int:
     """Smallest power of two ≥ longest (at least MIN_ATTN_BUCKET), capped at the cache length."""
-    size = MIN_ATTN_BUCKET
-    while size < longest:
-        size *= 2
-    return min(size, max_seq + 1)
-
-
-def prefill_rows(count: int) -> int:
-    """Smallest power of two ≥ count: the rows of a graphed prefill."""
-    size = 1
-    while size < count:
-        size *= 2
-    return size
+    return min(pow2_at_least(longest, MIN_ATTN_BUCKET), max_seq + 1)
 
 
 def prefill_bucket(width: int) -> int:
@@ -100,10 +90,7 @@ def prefill_bucket(width: int) -> int:
     padding to a power of two would cost GPU time (600 tokens would run as 1,024)."""
     if width > COARSE_PREFILL_BUCKETS_FROM:
         return -(-width // 256) * 256
-    size = MIN_PREFILL_BUCKET
-    while size < width:
-        size *= 2
-    return size
+    return pow2_at_least(width, MIN_PREFILL_BUCKET)
 
 
 class _Graph:
@@ -163,7 +150,7 @@ class DecoderRunner:
         padded batch when it fits the graphs' limit; otherwise chunks of neighbouring slots run as one
         padded batch: padding and the rows of other slots in the range sit at the scratch position."""
         if self.static_prefill and chunks:
-            rows, width = prefill_rows(len(chunks)), prefill_bucket(max(len(c.tokens) for c in chunks))
+            rows, width = pow2_at_least(len(chunks), 1), prefill_bucket(max(len(c.tokens) for c in chunks))
             if rows * width <= MAX_GRAPH_PREFILL:
                 return self._prefill_static(chunks, rows, width)
         by_slot = sorted(range(len(chunks)), key=lambda i: chunks[i].slot)
@@ -178,19 +165,31 @@ class DecoderRunner:
             self._prefill_run([chunks[j] for j in run], run, results)
         return results
 
-    def _prefill_run(
-        self, chunks: list[PrefillChunk], order: list[int], results: list[torch.Tensor | None]
-    ) -> None:
-        width = max(len(c.tokens) for c in chunks)
-        scratch = self.cache.scratch_position
-        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
-        positions = torch.full((len(chunks), width), scratch, dtype=torch.long)
+    def _host_batch(
+        self, chunks: Sequence[PrefillChunk], rows: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The chunks as ``rows`` rows of ``width`` tokens, on the host: tokens, positions (padding
+        and rows past the chunks at the scratch position, whose cache row no real row reads), each
+        row's last index, each row's slot (the first chunk's past the chunks), and the attention
+        bucket covering every chunk."""
+        tokens = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.full((rows, width), self.cache.scratch_position, dtype=torch.long)
+        last = torch.zeros(rows, dtype=torch.long)
+        slots = torch.full((rows,), chunks[0].slot, dtype=torch.long)
         for row, chunk in enumerate(chunks):
             n = len(chunk.tokens)
             tokens[row, :n] = torch.tensor(list(chunk.tokens))
             positions[row, :n] = torch.arange(chunk.start, chunk.start + n)
-        last = torch.tensor([len(c.tokens) - 1 for c in chunks])
+            last[row], slots[row] = n - 1, chunk.slot
         attn_len = attention_bucket(max(c.start + len(c.tokens) for c in chunks), self.max_seq)
+        return tokens, positions, last, slots, attn_len
+
+    def _prefill_run(
+        self, chunks: list[PrefillChunk], order: list[int], results: list[torch.Tensor | None]
+    ) -> None:
+        tokens, positions, last, _, attn_len = self._host_batch(
+            chunks, len(chunks), max(len(c.tokens) for c in chunks)
+        )
         logits = self.model(
             to_device(tokens, self.device),
             to_device(positions, self.device),
@@ -207,20 +206,10 @@ class DecoderRunner:
     def _prefill_static(
         self, chunks: Sequence[PrefillChunk], rows: int, width: int
     ) -> list[torch.Tensor | None]:
-        """The chunks as ``rows`` rows of ``width`` tokens on the fixed prefill buffers: replayed from a
-        CUDA graph when graphs are on. Rows past the chunks sit wholly at the scratch position (of the
-        first chunk's slot). Returns copies of the logits (the graph's output buffer is overwritten by
-        its next replay)."""
-        scratch = self.cache.scratch_position
-        tokens = torch.zeros(rows, width, dtype=torch.long)
-        positions = torch.full((rows, width), scratch, dtype=torch.long)  # padding writes the scratch row
-        last = torch.zeros(rows, dtype=torch.long)
-        slots = torch.full((rows,), chunks[0].slot, dtype=torch.long)
-        for row, chunk in enumerate(chunks):
-            n = len(chunk.tokens)
-            tokens[row, :n] = torch.tensor(list(chunk.tokens))
-            positions[row, :n] = torch.arange(chunk.start, chunk.start + n)
-            last[row], slots[row] = n - 1, chunk.slot
+        """The chunks as ``rows`` rows of ``width`` tokens (``_host_batch``) on the fixed prefill buffers:
+        replayed from a CUDA graph when graphs are on. Returns copies of the logits (the graph's
+        output buffer is overwritten by its next replay)."""
+        tokens, positions, last, slots, attn_len = self._host_batch(chunks, rows, width)
         static_tokens = self.prefill_tokens[: rows * width].view(rows, width)
         static_positions = self.prefill_positions[: rows * width].view(rows, width)
         static_last, static_slots = self.prefill_last[:rows], self.prefill_slot[:rows]
@@ -228,7 +217,6 @@ class DecoderRunner:
                                (static_slots, slots)):  # fmt: skip
             target.copy_(to_device(source, self.device))
         want_logits = any(c.want_logits for c in chunks)
-        attn_len = attention_bucket(max(c.start + len(c.tokens) for c in chunks), self.max_seq)
 
         def run() -> torch.Tensor | None:
             return self.model(
