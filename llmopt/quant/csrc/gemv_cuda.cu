@@ -627,6 +627,9 @@ cudaError_t dispatch(int x_dtype, int m, Launch launch) {
   return cudaErrorInvalidValue;
 }
 
+// int4 groups the kernels take: a power of two >= 32 dividing K.
+bool int4_group_ok(int group, int k) { return group >= 32 && (group & (group - 1)) == 0 && k % group == 0; }
+
 }  // namespace
 
 extern "C" {
@@ -639,7 +642,7 @@ int llmopt_mma_gemv(int int4, const void* x, int x_dtype, const void* w, const v
                     const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
                     void* stream) {
   if (m < 1 || m > kMaxMmaRows || k % (int4 ? 128 : 64) != 0) return cudaErrorInvalidValue;
-  if (int4 && (group < 32 || (group & (group - 1)) != 0 || k % group != 0)) return cudaErrorInvalidValue;
+  if (int4 && !int4_group_ok(group, k)) return cudaErrorInvalidValue;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (x_dtype == kBFloat16) {
     return int4 ? launch_mma<__nv_bfloat16, true>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s)
@@ -675,7 +678,7 @@ int llmopt_int8_gemv(const void* x, int x_dtype, const void* q, const void* scal
 int llmopt_int4_gemv(const void* x, int x_dtype, const void* packed, const void* scale, int scale_dtype,
                      const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
                      void* stream) {
-  if (group < 32 || (group & (group - 1)) != 0 || k % group != 0) return cudaErrorInvalidValue;
+  if (!int4_group_ok(group, k)) return cudaErrorInvalidValue;
   if (m >= INT4_MMA_FROM && k % 128 == 0) {
     return llmopt_mma_gemv(1, x, x_dtype, packed, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
   }
