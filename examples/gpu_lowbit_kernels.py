@@ -10,6 +10,8 @@ Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv       # CUDA decode kernels: work-shape sweep
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv-mma   # the tensor-core decode kernel's
                                   # (BASELINE_SOURCE=old/gemv_cuda.cu: that version's dispatch, same call)
+    PYTHONPATH=. python examples/gpu_lowbit_kernels.py cutlass    # the Hopper int8 GEMM: configurations,
+                                  # the chosen one, int8_matmul with and without it, bf16 cuBLAS
 
 Correctness: random weights quantized with llmopt's own schemes, many shapes (odd sizes, not
 multiples of any block), bf16 and fp16 activations; outputs poisoned with NaN before each run;
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from llmopt.quant import cuda_gemv
+from llmopt.quant import cuda_gemv, cutlass_gemm
 from llmopt.quant import triton_kernels as tk
 from llmopt.quant.kernels import AtenInt4Kernel, AtenInt8Kernel, LayerShape
 from llmopt.quant.schemes import quantize_int4, quantize_int8
@@ -119,7 +121,11 @@ def part_check() -> dict:
               (2, 333, 1024), (3, 50, 96), (4, 6144, 4096), (1, 4096, 14336), (4, 101, 14336),
               (8, 1000, 4096), (2, 40, 96), (12, 333, 4096), (9, 37, 1408), (13, 4096, 14336),
               (17, 333, 768),
-              (33, 4096, 1408), (128, 4096, 4096), (1000, 1536, 576)]  # fmt: skip
+              (33, 4096, 1408), (128, 4096, 4096), (1000, 1536, 576),
+              # the Hopper int8 GEMM (cutlass_gemm) from 64 rows: odd row counts, N not a multiple of
+              # its tiles, K split by stream-K; N not a multiple of 8 stays on Triton
+              (64, 4104, 1040), (77, 5000, 2000), (200, 6144, 4096), (257, 1000, 4096),
+              (96, 28672, 4096), (513, 4096, 14336), (100, 333, 4096)]  # fmt: skip
     int8_cases = [(m, n, k, None) for m, n, k in shapes]
     int4_cases = [(m, n, k, default_group(k)) for m, n, k in shapes if k % 32 == 0]
     int4_cases += [(1, 37, 4096, GROUP), (5, 4096, 14336, GROUP), (4, 100, 4096, 32), (11, 64, 1024, 64),
@@ -143,10 +149,12 @@ def part_check() -> dict:
             out = run()
             weight = buffers["weight_int8" if scheme == "int8" else "weight_int4"]
             path = "cuda" if cuda_gemv.usable(x, weight, k, group) else "triton"
+            if scheme == "int8" and not w8a8 and cutlass_gemm.usable(x, weight, buffers["scales"], out):
+                path = "cutlass"
             err = rel_err(out, ref)
             row = {"scheme": scheme, "m": m, "n": n, "k": k, "group": group, "dtype": str(dtype),
                    "path": path, "rel_err": err, "ok": err < 1e-2}  # fmt: skip
-            if path == "cuda":  # the fixed-order reduction: bit-identical on a second run
+            if path in ("cuda", "cutlass"):  # fixed-order reductions: bit-identical on a second run
                 row["deterministic"] = bool(torch.equal(out, run()))
                 row["ok"] = row["ok"] and row["deterministic"]
             if w8a8:  # what the activations' int8 rounding adds, against weight-only
@@ -162,28 +170,35 @@ def part_check() -> dict:
                 rows_ok = row["rows_max_step"] <= 1.0 + 1e-6 and row["rows_mismatch_share"] < 1e-3
                 row["ok"] = row["ok"] and rows_ok
             rows.append(row)
-    # CUDA graph capture of the custom op, as the engine does it (compiled).
-    q, s, zp, deq = make_layer("int8", 4096, 4096, torch.bfloat16)
-    x = torch.randn(2, 4096, device=DEV, dtype=torch.bfloat16)
-    fn = torch.compile(lambda t: torch.ops.llmopt.int8_mm(t, q, s.reshape(-1)) * 2, fullgraph=True)
-    captured: list[torch.Tensor] = []
-    graph = capture(lambda: captured.append(fn(x)), warmup=lambda: [fn(x) for _ in range(3)])
-    y_static = captured[0]
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    graph_err = rel_err(y_static, 2 * (x.double() @ deq.double().T))
+    # CUDA graph capture of the custom op, as the engine does it (compiled): decode rows (the CUDA
+    # kernels) and 128 rows (the Hopper int8 GEMM, stream-K workspace and all).
+    graph_err = max(graph_check(m) for m in (2, 128))
     result = {"cases": rows, "all_ok": all(r["ok"] for r in rows), "graph_rel_err": graph_err}
     worst = max(r["rel_err"] for r in rows)
     n_cuda = sum(r["path"] == "cuda" for r in rows)
+    n_cutlass = sum(r["path"] == "cutlass" for r in rows)
     print(
-        f"check: {len(rows)} cases ({n_cuda} on the CUDA decode kernels), all_ok={result['all_ok']}, "
+        f"check: {len(rows)} cases ({n_cuda} on the CUDA decode kernels, {n_cutlass} on the Hopper int8 "
+        f"GEMM), all_ok={result['all_ok']}, "
         f"worst rel_err {worst:.2e}, graph {graph_err:.2e}"
     )
     for r in rows:
         if not r["ok"]:
             print("FAIL", r)
     return result
+
+
+def graph_check(m: int) -> float:
+    """Relative error of the compiled int8 op captured in a CUDA graph and replayed on new inputs."""
+    q, s, _, deq = make_layer("int8", 4096, 4096, torch.bfloat16)
+    x = torch.randn(m, 4096, device=DEV, dtype=torch.bfloat16)
+    fn = torch.compile(lambda t: torch.ops.llmopt.int8_mm(t, q, s.reshape(-1)) * 2, fullgraph=True)
+    captured: list[torch.Tensor] = []
+    graph = capture(lambda: captured.append(fn(x)), warmup=lambda: [fn(x) for _ in range(3)])
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    return rel_err(captured[-1], 2 * (x.double() @ deq.double().T))
 
 
 def time_graph(fn, copies: int, reps: int = 7) -> float:
@@ -481,7 +496,7 @@ def load_baseline(source: str, arch: str) -> ctypes.CDLL:
     so that its default kernels run in the same call as this one's. Only its two row-dispatching entry
     points are used; their signatures have not changed."""
     target = OUT / "baseline_gemv.so"
-    nvcc = cuda_gemv._nvcc()
+    nvcc = cuda_gemv.nvcc_path()
     assert nvcc is not None
     subprocess.run([nvcc, *cuda_gemv.NVCC_FLAGS, f"-arch={arch}", source, "-o", str(target)], check=True)
     lib = ctypes.CDLL(str(target))
@@ -579,6 +594,62 @@ def part_gemv(mma: bool) -> dict:
     return {"copy_bw": copy_bw, "rows": rows}
 
 
+CUTLASS_ROWS = (32, 48, 64, 96, 128, 192, 256, 512, 1024, 2048)
+
+
+def part_cutlass() -> dict:
+    """The Hopper int8 GEMM on Llama-3-8B's layers: every configuration, the one ``choose_config``
+    picks, what int8_matmul runs without it (LLMOPT_CUTLASS=0: Triton tiles below 256 rows, dequantize
+    + cuBLAS from 256) and bf16 cuBLAS, all in one call; plus each configuration's error against
+    float64 and a second run's bit-identity."""
+    copy_bw = copy_bandwidth()
+    rows = []
+    for name, (n, k) in LLAMA_SHAPES.items():
+        q, s, _, deq = make_layer("int8", n, k, torch.bfloat16)
+        scales = s.reshape(-1).contiguous()
+        qs = [q.clone() for _ in range(max(2, math.ceil(256e6 / (n * k))))]
+        ws = [deq.to(torch.bfloat16) for _ in range(max(2, math.ceil(256e6 / (2 * n * k))))]
+        for m in CUTLASS_ROWS:
+            row = cutlass_shape(name, m, qs, scales, ws, deq, copy_bw)
+            print(f"{name:8} m={m:5} bf16 {row['bf16_us']:8.1f} without {row['without_us']:8.1f} "
+                  f"default {row['default_us']:8.1f} pick {row['pick']:9} (x{row['pick_over_best']:.2f} of "
+                  f"{row['best']})", flush=True)  # fmt: skip
+            rows.append(row)
+        del qs, ws
+    ok = all(c["rel_err"] < 1e-2 and c["repeatable"] for r in rows for c in r["configs"].values())
+    print(f"cutlass: {len(rows)} shapes x {len(cutlass_gemm.CONFIGS)} configurations, all_ok={ok}, worst "
+          f"pick/best {max(r['pick_over_best'] for r in rows):.2f}")  # fmt: skip
+    return {"copy_bw": copy_bw, "rows": rows, "all_ok": ok}
+
+
+def cutlass_shape(name: str, m: int, qs: list, scales: torch.Tensor, ws: list, deq: torch.Tensor,
+                  copy_bw: float) -> dict:  # fmt: skip
+    """One (layer, rows) row of part_cutlass; ``qs`` / ``ws``: int8 / bf16 weight copies (> L2)."""
+    (n, k), q = qs[0].shape, qs[0]
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
+    ref = x.double() @ deq.double().T
+    row = {"shape": name, "n": n, "k": k, "m": m, "pick": cutlass_gemm.choose_config(m, n, k, tk.sm_count(0)),
+           "takes_rows": cutlass_gemm.takes_rows(m, n, k), "configs": {}}  # fmt: skip
+    row["bf16_us"] = time_graph(lambda i: torch.mm(x, ws[i].T, out=out), len(ws)) * 1e6
+    for label, env in (("without_us", "0"), ("default_us", "1")):
+        os.environ[cutlass_gemm.DISABLE_ENV] = env
+        row[label] = time_graph(lambda i: tk.int8_matmul(x, qs[i], scales, out=out), len(qs)) * 1e6
+    for config in cutlass_gemm.CONFIGS:
+        y, again = (torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        cutlass_gemm.int8_gemm(x, q, scales, y, config=config)
+        cutlass_gemm.int8_gemm(x, q, scales, again, config=config)
+        sec = time_graph(lambda i, c=config: cutlass_gemm.int8_gemm(x, qs[i], scales, out, config=c), len(qs))
+        row["configs"][config] = {"us": sec * 1e6, "rel_err": rel_err(y, ref),
+                                  "repeatable": bool(torch.equal(y, again))}  # fmt: skip
+    best = min(row["configs"], key=lambda c: row["configs"][c]["us"])
+    row["best"] = best
+    row["pick_over_best"] = row["configs"][row["pick"]]["us"] / row["configs"][best]["us"]
+    moved = n * k + 2 * n + 2 * m * (k + n)
+    row["pct_copy_bw_default"] = 100 * moved / (row["default_us"] / 1e6) / copy_bw
+    return row
+
+
 def main() -> None:
     part = sys.argv[1]
     OUT.mkdir(parents=True, exist_ok=True)
@@ -588,6 +659,8 @@ def main() -> None:
         result = part_orient()
     elif part == "split":
         result = part_split()
+    elif part == "cutlass":
+        result = part_cutlass()
     elif part in ("gemv", "gemv-mma"):
         result = part_gemv(mma=part == "gemv-mma")
     else:

@@ -18,7 +18,7 @@ import torch
 from llmopt.quant import cuda_gemv
 
 
-@pytest.mark.skipif(cuda_gemv._nvcc() is None, reason="nvcc is not installed here")
+@pytest.mark.skipif(cuda_gemv.nvcc_path() is None, reason="nvcc is not installed here")
 def test_library_builds_and_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path))
     path, seconds = cuda_gemv.build_library("sm_80")
@@ -48,7 +48,7 @@ def uncached_library() -> Iterator[None]:
 
 def test_missing_compiler_warns_and_falls_back(tmp_path, monkeypatch, uncached_library):
     monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cuda_gemv, "_nvcc", lambda: None)
+    monkeypatch.setattr(cuda_gemv, "nvcc_path", lambda: None)
     monkeypatch.setattr(cuda_gemv, "_arch", lambda device_index: "sm_90")
     with pytest.warns(UserWarning, match="nvcc"):
         assert cuda_gemv._library(0) is None

@@ -52,7 +52,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _nvcc() -> str | None:
+def nvcc_path() -> str | None:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     candidate = Path(home) / "bin" / "nvcc" if home else None
     if candidate is not None and candidate.is_file():
@@ -79,7 +79,7 @@ def _arch(device_index: int) -> str:
 def build_library(arch: str, force: bool = False, defines: tuple[str, ...] = ()) -> tuple[Path, float]:
     """Compile the library for ``arch`` (e.g. 'sm_90'), once per key: native_build.build_library.
     ``defines`` (e.g. '-DINT8_ROWS=4') override the kernels' work shape, for sweeps."""
-    nvcc = _nvcc()
+    nvcc = nvcc_path()
     if nvcc is None:
         raise BuildError("nvcc (CUDA's compiler) was not found on PATH, in $CUDA_HOME or /usr/local/cuda")
     flags = (*NVCC_FLAGS, *defines, f"-arch={arch}")

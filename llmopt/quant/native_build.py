@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import cast
 
 
 class BuildError(RuntimeError):
@@ -43,12 +44,21 @@ def build_folder(kind: str, name: str, key_parts: Iterable[bytes | str]) -> Path
     return cache_dir() / kind / f"{name}-{key.hexdigest()[:16]}"
 
 
+Command = list[str]
+
+
 def build_library(
-    folder: Path, name: str, command: Callable[[Path], list[str]], force: bool = False
+    folder: Path,
+    name: str,
+    command: Callable[[Path], Command | list[list[Command]]],
+    force: bool = False,
 ) -> tuple[Path, float]:
     """Run ``command(target)`` to build ``folder/<name>.so`` unless it is there (``force`` rebuilds).
-    Returns its path and the build time in seconds (0 when it was already built). Raises BuildError
-    with the compiler's last lines when the build fails now or failed before."""
+    ``command`` returns one argv, or stages of argvs: the stages run in order, each stage's commands at
+    once (separate translation units compiled in parallel, then one link); files a stage writes
+    next to the target as ``<target>.*.o`` are deleted afterwards. Returns the library's path and the
+    build time in seconds (0 when it was already built). Raises BuildError with the compiler's last
+    lines when the build fails now or failed before."""
     from filelock import FileLock
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,20 +71,51 @@ def build_library(
         if failed.is_file() and not force:
             raise BuildError(f"an earlier build failed (log: {log}; delete {folder} to retry)")
         partial = folder / f"{name}.{os.getpid()}.tmp.so"
-        argv = command(partial)
+        planned = command(partial)
+        staged = bool(planned) and isinstance(planned[0], list)
+        stages = cast(list[list[Command]], planned if staged else [[planned]])
         start = time.perf_counter()
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
-        except (OSError, subprocess.SubprocessError) as exc:
-            failed.write_text(str(exc))
-            raise BuildError(f"{argv[0]} could not run ({exc})") from exc
-        seconds = time.perf_counter() - start
-        log.write_text(" ".join(argv) + "\n\n" + proc.stdout + proc.stderr)
-        if proc.returncode != 0 or not partial.is_file():
+            _run_stages(stages, log, failed)
+        except BuildError:
             partial.unlink(missing_ok=True)
-            failed.write_text(f"exit {proc.returncode}")
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise BuildError(f"{argv[0]} failed (exit {proc.returncode}); full log in {log}:\n{tail}")
+            raise
+        finally:
+            for leftover in folder.glob(f"{partial.name}.*.o"):
+                leftover.unlink(missing_ok=True)
+        seconds = time.perf_counter() - start
+        if not partial.is_file():
+            failed.write_text("no library written")
+            raise BuildError(f"the build wrote no library (log: {log})")
         os.replace(partial, target)  # atomic: a reader never sees a half-written library
         failed.unlink(missing_ok=True)
         return target, seconds
+
+
+def _run_stages(stages: list[list[Command]], log: Path, failed: Path) -> None:
+    """Run each stage's commands concurrently, stage after stage, into one log; the first failure
+    marks the folder failed and raises BuildError with that command's last lines."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(argv: Command) -> tuple[Command, subprocess.CompletedProcess[str] | Exception]:
+        try:
+            return argv, subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return argv, exc
+
+    entries: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for stage in stages:
+            for argv, result in pool.map(run, stage):
+                if isinstance(result, Exception):
+                    log.write_text("\n".join([*entries, " ".join(argv), str(result)]))
+                    failed.write_text(str(result))
+                    raise BuildError(f"{argv[0]} could not run ({result})") from result
+                entries.append(" ".join(argv) + "\n\n" + result.stdout + result.stderr)
+                if result.returncode != 0:
+                    log.write_text("\n".join(entries))
+                    failed.write_text(f"exit {result.returncode}")
+                    tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+                    what = f"{argv[0]} failed (exit {result.returncode})"
+                    raise BuildError(f"{what}; full log in {log}:\n{tail}")
+    log.write_text("\n".join(entries))

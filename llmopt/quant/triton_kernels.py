@@ -2,8 +2,8 @@
 
 ``int8_matmul`` / ``int4_matmul`` are llmopt's GPU low-bit matmuls. Decode's few rows go first to
 the CUDA C++ kernels of ``cuda_gemv`` (int4 at 1-16 rows; int8 at 1 row, and at 2-16 for weights of
-at most 32 Mi elements; faster there, BENCHMARKS.md §5) when nvcc can build them; everything else
-runs here.
+at most 32 Mi elements; faster there, BENCHMARKS.md §5) when nvcc can build them; on Hopper GPUs int8
+at 64-4,096 rows goes to CUTLASS's mixed-input GEMM (``cutlass_gemm``); everything else runs here.
 
 One Triton kernel family serves every row count: a tile of ``BLOCK_M`` rows of ``x`` meets a tile of
 the low-bit weight that is loaded as integers, dequantized in registers and fed to ``tl.dot``
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from llmopt.quant import cuda_gemv
+from llmopt.quant import cuda_gemv, cutlass_gemm
 from llmopt.quant.kernels import LayerShape, QuantKernel, RowMajorQuantKernel
 
 try:
@@ -432,6 +432,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
         return cuda_gemv.int8_gemv(x, q, scale, out)
     if config is None and m >= W8A8_MIN_ROWS and int8_activations_enabled():
         return w8a8_matmul(x, q, scale, out=out)
+    if config is None and cutlass_gemm.usable(x, q, scale, out):  # prefill, large batches on Hopper
+        return cutlass_gemm.int8_gemm(x, q, scale, out)
     if _use_dequant(m, config):
         return torch.mm(x, int8_dequantize(q, scale, x.dtype).T, out=out)
     cfg = config or choose_config("int8", m, n, k, None, sm_count(x.device.index or 0))

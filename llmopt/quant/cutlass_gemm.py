@@ -1,0 +1,303 @@
+"""llmopt's int8 weight-only GEMM for Hopper GPUs (prefill and large batches), built on CUTLASS.
+
+Past decode's few rows, an int8 matmul has enough rows of x that the tensor cores' work matters as
+much as the weight's bytes. Triton's int8 tiles run 1.1-1.5x slower than cuBLAS bf16 at 128 rows and
+the dequantize-then-cuBLAS path pays a pass over a bf16 copy of the weight (BENCHMARKS.md §5).
+CUTLASS's Hopper mixed-input GEMM keeps the weight int8 all the way to registers: TMA brings int8
+tiles of the weight and bf16 tiles of x into shared memory, a producer warp keeps the pipeline full,
+consumer warpgroups convert the weight to 16 bits in registers and feed wgmma with it as the
+register operand, and the per-channel scale multiplies the fp32 sums in the epilogue
+(``csrc/int8_gemm_sm90.cu``). ``triton_kernels.int8_matmul`` calls it at ``MIN_ROWS`` to
+``MAX_ROWS`` rows where it applies (``usable``); decode's rows keep the CUDA decode kernels and the
+Triton tiles, and longer prefills dequantize for cuBLAS.
+
+Tile configurations (``CONFIGS``): 64-channel tiles with ping-pong consumer warpgroups for narrow
+outputs, and 128-channel tiles whose two warpgroups cooperate, scheduled stream-K (K split across
+CTAs when the tiles do not fill the GPU; the partial sums are reduced in a fixed order, so results
+do not depend on timing). ``choose_config`` picks one per shape with a cost model: waves of tiles
+times K steps times a per-step cost fitted to a sweep of Llama-3-8B's layers at 48-2,048 rows on an
+H200, plus a fixed cost for a stream-K split.
+
+Build (``native_build``): CUTLASS's headers come from the ``nvidia-cutlass`` package (``pip install
+'llmopt[gpu]'``) or a CUTLASS checkout named by ``CUTLASS_PATH``. The first call compiles one
+translation unit per (configuration, activation type) in parallel with nvcc for ``sm_90a`` (about a
+minute on 16 cores; cached in llmopt's cache as ``cuda/int8_gemm_sm90-<key>/``), links them into one
+library, loads it with ctypes and checks every configuration against float64. Launches go to torch's
+current stream, so CUDA graphs capture them. On a Hopper GPU without the headers or nvcc, or when the
+build or self-test fails, one warning says so and the Triton path does the work.
+``LLMOPT_CUTLASS=0`` turns it off (for A/B measurements).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmopt.quant import native_build
+from llmopt.quant.cuda_gemv import nvcc_path
+from llmopt.quant.native_build import BuildError
+
+SOURCE = Path(__file__).parent / "csrc" / "int8_gemm_sm90.cu"
+LIBRARY_NAME = "int8_gemm_sm90"
+DISABLE_ENV = "LLMOPT_CUTLASS"
+HEADERS_ENV = "CUTLASS_PATH"
+ARCH_FLAG = "-gencode=arch=compute_90a,code=sm_90a"  # wgmma needs the arch-specific target
+NVCC_FLAGS = ("-O3", "-std=c++17", "-DNDEBUG", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", ARCH_FLAG)
+CAPABILITY = (9, 0)  # wgmma and TMA; sm_90a code runs on Hopper only
+
+# From this many rows of x (fewer: the Triton tiles, faster there); weights of at most
+# SMALL_WEIGHT elements (o_proj-sized) from SMALL_WEIGHT_MIN_ROWS. On an H200, Llama-3-8B layers, µs:
+# o_proj at 64 / 96 rows Triton 15.5 / 18.4 against 18.8 / 18.9; gate/up at 64 Triton 56 against 50.
+MIN_ROWS = 64
+SMALL_WEIGHT = 16 << 20
+SMALL_WEIGHT_MIN_ROWS = 128
+# Up to this many rows. Past it the product is compute-bound, cuBLAS's bf16 GEMM outruns the mixed-input
+# one by more than a dequantized copy of the weight costs, and int8_matmul dequantizes instead (gate/up at
+# 8,192 rows: 3,013 against 2,876 µs; at 4,096: 1,442 against 1,501).
+MAX_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    tile_m: int  # weight channels per tile
+    tile_n: int  # rows of x per tile
+    cooperative: bool  # True: 2 warpgroups on one 128-channel tile, stream-K; False: ping-pong, persistent
+    step_cost: float  # relative time of one 64-wide K step of one tile (fitted, see choose_config)
+
+
+CONFIGS = {
+    "pp64x64": TileConfig(64, 64, False, 0.108),
+    "pp64x128": TileConfig(64, 128, False, 0.125),
+    "pp64x256": TileConfig(64, 256, False, 0.186),
+    "sk128x64": TileConfig(128, 64, True, 0.161),
+    "sk128x128": TileConfig(128, 128, True, 0.246),
+    "sk128x256": TileConfig(128, 256, True, 0.279),
+}
+STREAM_K_SPLIT_COST = 5.52  # in the same units: the partial-sum reduction when K is split
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def estimated_cost(config: TileConfig, m: int, n: int, k: int, sms: int) -> float:
+    """Relative time of ``config`` on an (m rows) x (n channels) x (k inputs) product: waves of output
+    tiles times K steps times the configuration's per-step cost. Ping-pong tiles run in whole waves;
+    stream-K spreads the K steps of all tiles evenly over the SMs, paying a reduction when it splits
+    tiles (fewer tiles than SMs)."""
+    tiles = math.ceil(n / config.tile_m) * math.ceil(m / config.tile_n)
+    steps = math.ceil(k / 64)
+    if config.cooperative:
+        return tiles / sms * steps * config.step_cost + (STREAM_K_SPLIT_COST if tiles < sms else 0.0)
+    return math.ceil(tiles / sms) * steps * config.step_cost
+
+
+def choose_config(m: int, n: int, k: int, sms: int) -> str:
+    """The configuration ``estimated_cost`` rates fastest. Its costs were fitted to a sweep of every
+    configuration on Llama-3-8B's q/k/v, o, gate/up, down and head at 48-2,048 rows (44 shapes, an
+    H200): on those shapes its pick is the fastest at 38 and within 13% of it everywhere
+    (BENCHMARKS.md §5 has the re-measured table)."""
+    return min(CONFIGS, key=lambda name: estimated_cost(CONFIGS[name], m, n, k, sms))
+
+
+def entry_name(config: str, dtype: torch.dtype) -> str:
+    return f"llmopt_int8_gemm_{config}_{_DTYPES[dtype]}"
+
+
+def header_dirs() -> list[Path] | None:
+    """CUTLASS's include folders: ``$CUTLASS_PATH/include`` and ``tools/util/include`` of a checkout,
+    else those the ``nvidia-cutlass`` package ships; None when neither is there."""
+    roots = []
+    if os.environ.get(HEADERS_ENV):
+        roots.append(Path(os.environ[HEADERS_ENV]))
+    spec = importlib.util.find_spec("cutlass_library")  # found, not imported (it imports cuda-python)
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(Path(next(iter(spec.submodule_search_locations))) / "source")
+    for root in roots:
+        dirs = [root / "include", root / "tools" / "util" / "include"]
+        if (dirs[0] / "cutlass" / "cutlass.h").is_file() and (dirs[1] / "cutlass" / "util").is_dir():
+            return dirs
+    return None
+
+
+def _headers_version(include: Path) -> bytes:
+    return (include / "cutlass" / "version.h").read_bytes()
+
+
+def build_library(force: bool = False) -> tuple[Path, float]:
+    """Compile every (configuration, activation type) as its own translation unit, in parallel, and
+    link them into one library; once per key (native_build.build_library)."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise BuildError("nvcc (CUDA's compiler) was not found on PATH, in $CUDA_HOME or /usr/local/cuda")
+    dirs = header_dirs()
+    if dirs is None:
+        raise BuildError(
+            f"CUTLASS's headers were not found (pip install 'llmopt[gpu]', or set {HEADERS_ENV} to a "
+            "CUTLASS checkout)"
+        )
+    units = [(name, dtype) for name in CONFIGS for dtype in _DTYPES]
+    key = (
+        SOURCE.read_bytes(), native_build.tool_version(nvcc), " ".join(NVCC_FLAGS), _headers_version(dirs[0]),
+        repr(sorted((name, c.tile_m, c.tile_n, c.cooperative) for name, c in CONFIGS.items())),
+    )  # fmt: skip
+    folder = native_build.build_folder("cuda", LIBRARY_NAME, key)
+
+    def stages(target: Path) -> list[list[list[str]]]:
+        objects = [Path(f"{target}.{index}.o") for index in range(len(units))]
+        compiles = [
+            compile_command(nvcc, dirs, name, dtype, obj)
+            for (name, dtype), obj in zip(units, objects, strict=True)
+        ]
+        link = [nvcc, "-shared", ARCH_FLAG, *map(str, objects), "-o", str(target)]
+        return [compiles, [link]]
+
+    return native_build.build_library(folder, LIBRARY_NAME, stages, force=force)
+
+
+def compile_command(
+    nvcc: str, include_dirs: list[Path], name: str, dtype: torch.dtype, obj: Path
+) -> list[str]:
+    """nvcc's argv for one (configuration, activation type) translation unit."""
+    config = CONFIGS[name]
+    defines = [
+        f"-DLLMOPT_TILE_M={config.tile_m}",
+        f"-DLLMOPT_TILE_N={config.tile_n}",
+        f"-DLLMOPT_COOPERATIVE={int(config.cooperative)}",
+        f"-DLLMOPT_HALF={int(dtype == torch.float16)}",
+        f"-DLLMOPT_ENTRY={entry_name(name, dtype)}",
+    ]
+    includes = [f"-I{d}" for d in include_dirs]
+    return [nvcc, *NVCC_FLAGS, *includes, *defines, "-c", str(SOURCE), "-o", str(obj)]
+
+
+class _Unusable(Exception):
+    """The library cannot serve this device (it failed its self-test)."""
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i32, ptr, size = ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
+    for name in CONFIGS:
+        for dtype in _DTYPES:
+            entry = getattr(lib, entry_name(name, dtype))
+            entry.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, ptr, size, ptr]
+            entry.restype = i32
+            workspace = getattr(lib, entry_name(name, dtype) + "_workspace")
+            workspace.argtypes = [i32, i32, i32]
+            workspace.restype = size
+    return lib
+
+
+@functools.cache
+def _library(device_index: int) -> ctypes.CDLL | None:
+    """The loaded, self-tested library, or None (warned once) when it cannot be had here."""
+    try:
+        path, seconds = build_library()
+        if seconds:
+            print(f"llmopt: built the Hopper int8 GEMM in {seconds:.1f} s ({path})", file=sys.stderr)
+        lib = _declare(ctypes.CDLL(str(path)))
+        if not torch.cuda.is_current_stream_capturing():  # a test launch must not land in a graph
+            _self_test(lib, torch.device("cuda", device_index))
+    except (BuildError, OSError, _Unusable) as exc:
+        fix = (
+            f"a failed self-test is a bug to report; {DISABLE_ENV}=0 goes straight to Triton without "
+            "this warning"
+            if isinstance(exc, _Unusable)
+            else f"install what it names, or set {DISABLE_ENV}=0 to use that path without this warning"
+        )
+        warnings.warn(
+            f"llmopt's Hopper int8 GEMM is unavailable ({exc}); int8 matmuls of {MIN_ROWS}-{MAX_ROWS} rows "
+            f"(prefill, large batches) use the slower Triton / dequantize path. To fix: {fix}.",
+            stacklevel=3,
+        )
+        return None
+    return lib
+
+
+def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
+    """Every configuration in both activation types on a small product against float64 (odd row
+    count, several tiles, K split by stream-K), so that a build this GPU or driver cannot run is
+    caught at load time, with a warning, rather than in the middle of a prefill."""
+    gen = torch.Generator().manual_seed(0)
+    m, n, k = 72, 384, 1024
+    x = torch.randn(m, k, generator=gen)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 64
+    for dtype in _DTYPES:
+        xs, s = x.to(device, dtype), scale.to(dtype)
+        ref = xs.cpu().double() @ (q.double() * s.double()[:, None]).T
+        for name in CONFIGS:
+            out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
+            try:
+                int8_gemm(xs, q.to(device), s.to(device), out, config=name, lib=lib)
+            except RuntimeError as exc:
+                raise _Unusable(f"self-test: {name} ({dtype}): {exc}") from exc
+            err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+            if not err < 2e-2:  # 16-bit rounding is ~4e-3; NaN (an unwritten output) fails too
+                raise _Unusable(f"self-test: {name} ({dtype}) off by {err:.1e} relative")
+
+
+def enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "1") != "0"
+
+
+def takes_rows(m: int, n: int, k: int) -> bool:
+    """Whether this many rows go to this GEMM: MIN_ROWS (SMALL_WEIGHT_MIN_ROWS for small weights) to
+    MAX_ROWS."""
+    return (SMALL_WEIGHT_MIN_ROWS if n * k <= SMALL_WEIGHT else MIN_ROWS) <= m <= MAX_ROWS
+
+
+def usable(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether this call runs here: a Hopper GPU; x bf16/fp16 (M, K) with M past the row rule; the
+    scale in x's type; K a multiple of 16 and N of 8 (TMA's 16-byte rows); x, q, scale and out
+    contiguous and 16-byte aligned; and the library builds and passes its self-test here."""
+    (m, k), n = x.shape, q.shape[0]
+    return (
+        x.is_cuda
+        and x.dtype in _DTYPES
+        and scale.dtype == x.dtype
+        and takes_rows(m, n, k)
+        and k % 16 == 0
+        and n % 8 == 0
+        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x, q, scale, out))
+        and enabled()
+        and torch.cuda.get_device_capability(x.device) == CAPABILITY
+        and _library(x.device.index or 0) is not None
+    )
+
+
+def int8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+              config: str | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:  # fmt: skip
+    """``out = x @ (q * scale[:, None]).T`` for x (M, K) bf16/fp16, q (N, K) int8, scale (N,) in x's
+    type, out (M, N) in x's type. ``config`` forces a configuration (sweeps, the self-test), ``lib``
+    another build of the library (the self-test), else the checked one."""
+    if lib is None:
+        lib = _library(x.device.index or 0)
+    assert lib is not None
+    (m, k), n = x.shape, q.shape[0]
+    if config is None:
+        config = choose_config(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    entry = getattr(lib, entry_name(config, x.dtype))
+    with torch.cuda.device(x.device):  # the library launches on the calling thread's current device
+        size = getattr(lib, entry_name(config, x.dtype) + "_workspace")(n, m, k)
+        workspace = torch.empty(size, device=x.device, dtype=torch.uint8) if size else None
+        code = entry(
+            q.data_ptr(), x.data_ptr(), scale.data_ptr(), out.data_ptr(), n, m, k,
+            workspace.data_ptr() if workspace is not None else None, size,
+            torch.cuda.current_stream(x.device).cuda_stream,
+        )  # fmt: skip
+    if code != 0:
+        reasons = {
+            1: "the shape cannot run",
+            2: "workspace too small",
+            3: "arguments refused",
+            4: "launch failed",
+        }
+        raise RuntimeError(f"llmopt's Hopper int8 GEMM ({config}) failed: {reasons.get(code, code)}")
+    return out
