@@ -53,3 +53,26 @@ def test_a_failing_unit_fails_the_build_and_is_remembered(tmp_path):
         native_build.build_library(folder, "two", _stages(_sources(tmp_path)))
     path, _ = native_build.build_library(folder, "two", _stages(_sources(tmp_path)), force=True)
     assert ctypes.CDLL(str(path)).second(4) == 8 and not (folder / "build.failed").exists()
+
+
+def test_load_or_warn_opens_or_warns_once_with_the_fix(tmp_path, capsys):
+    build = lambda: native_build.build_library(tmp_path / "lib", "two", _stages(_sources(tmp_path)))  # noqa: E731
+    opened = native_build.load_or_warn(
+        "test library", build, lambda p: ctypes.CDLL(str(p)), "x", "fix A", "fix B"
+    )
+    assert opened is not None and opened.first(1) == 2
+    assert "built the test library" in capsys.readouterr().err
+
+    def refuse(path: Path) -> ctypes.CDLL:
+        raise native_build.Unusable("self-test: off by 1e0")
+
+    with pytest.warns(
+        UserWarning, match=r"test library: unavailable \(self-test.*\); slow path\. To fix: fix A\."
+    ):
+        assert native_build.load_or_warn("test library", build, refuse, "slow path", "fix A", "fix B") is None
+
+    def fail() -> tuple[Path, float]:
+        raise BuildError("no compiler")
+
+    with pytest.warns(UserWarning, match="To fix: fix B"):
+        assert native_build.load_or_warn("test library", fail, refuse, "slow path", "fix A", "fix B") is None

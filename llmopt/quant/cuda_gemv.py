@@ -25,14 +25,12 @@ import ctypes
 import functools
 import os
 import shutil
-import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 from llmopt.quant import native_build
-from llmopt.quant.native_build import BuildError
+from llmopt.quant.native_build import BuildError, Unusable
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_cuda.cu"
 LIBRARY_NAME = "gemv_cuda"
@@ -62,17 +60,13 @@ def nvcc_path() -> str | None:
     )
 
 
-class _Unusable(Exception):
-    """The library cannot serve this device (too old, or it failed its self-test)."""
-
-
 MIN_CAPABILITY = (8, 0)  # bf16 arithmetic and the int4 kernel's mma.sync shape
 
 
 def _arch(device_index: int) -> str:
     major, minor = torch.cuda.get_device_capability(device_index)
     if (major, minor) < MIN_CAPABILITY:
-        raise _Unusable(f"the GPU's compute capability {major}.{minor} is below 8.0")
+        raise Unusable(f"the GPU's compute capability {major}.{minor} is below 8.0")
     return f"sm_{major}{minor}"
 
 
@@ -112,30 +106,25 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 def _library(device_index: int) -> ctypes.CDLL | None:
     """The loaded library for this device's architecture, or None (warned once) when it cannot be
     built, loaded, or fails its self-test here."""
-    try:
-        path, seconds = build_library(_arch(device_index))
-        if seconds:
-            print(f"llmopt: built the CUDA decode kernels in {seconds:.1f} s ({path})", file=sys.stderr)
+
+    def open_checked(path: Path) -> ctypes.CDLL:
         lib = load(path)
         limits = lib.llmopt_gemv_max_rows(0), lib.llmopt_gemv_max_rows(1)
         if limits != (MAX_ROWS, MAX_ROWS):
-            raise _Unusable(f"{path} takes {limits} rows; this module expects {MAX_ROWS}")
+            raise Unusable(f"{path} takes {limits} rows; this module expects {MAX_ROWS}")
         if not torch.cuda.is_current_stream_capturing():  # a test launch must not land in a graph
             _self_test(lib, torch.device("cuda", device_index))
-    except (BuildError, OSError, _Unusable) as exc:
-        fix = (
-            f"nothing on a GPU older than Ampere; a failed self-test is a bug to report. {DISABLE_ENV}=0 "
-            "goes straight to Triton without this warning"
-            if isinstance(exc, _Unusable)
-            else "install CUDA's compiler (nvcc, matching the driver) or set CUDA_HOME"
-        )
-        warnings.warn(
-            f"llmopt's CUDA decode kernels are unavailable ({exc}); int8/int4 decode uses the slower "
-            f"Triton kernels. To fix: {fix}.",
-            stacklevel=3,
-        )
-        return None
-    return lib
+        return lib
+
+    return native_build.load_or_warn(
+        "CUDA decode kernels",
+        lambda: build_library(_arch(device_index)),
+        open_checked,
+        consequence="int8/int4 decode uses the slower Triton kernels",
+        unusable_fix="nothing on a GPU older than Ampere; a failed self-test is a bug to report. "
+        f"{DISABLE_ENV}=0 goes straight to Triton without this warning",
+        build_fix="install CUDA's compiler (nvcc, matching the driver) or set CUDA_HOME",
+    )
 
 
 def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
@@ -171,9 +160,9 @@ def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
             ref = x[:rows].double() @ weight.T
             err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
             if not err < 2e-2:  # bf16 rounding is ~4e-3; NaN (an unwritten output) fails too
-                raise _Unusable(f"self-test: {rows}-row product off by {err:.1e} relative")
+                raise Unusable(f"self-test: {rows}-row product off by {err:.1e} relative")
     except RuntimeError as exc:  # a launch the driver refused
-        raise _Unusable(f"self-test: {exc}") from exc
+        raise Unusable(f"self-test: {exc}") from exc
 
 
 def enabled() -> bool:

@@ -35,8 +35,6 @@ import functools
 import importlib.util
 import math
 import os
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +42,7 @@ import torch
 
 from llmopt.quant import native_build
 from llmopt.quant.cuda_gemv import nvcc_path
-from llmopt.quant.native_build import BuildError
+from llmopt.quant.native_build import BuildError, Unusable
 
 SOURCE = Path(__file__).parent / "csrc" / "int8_gemm_sm90.cu"
 LIBRARY_NAME = "int8_gemm_sm90"
@@ -177,10 +175,6 @@ def compile_command(
     return [nvcc, *NVCC_FLAGS, *includes, *defines, "-c", str(SOURCE), "-o", str(obj)]
 
 
-class _Unusable(Exception):
-    """The library cannot serve this device (it failed its self-test)."""
-
-
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i32, ptr, size = ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
     for name in CONFIGS:
@@ -197,27 +191,23 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 @functools.cache
 def _library(device_index: int) -> ctypes.CDLL | None:
     """The loaded, self-tested library, or None (warned once) when it cannot be had here."""
-    try:
-        path, seconds = build_library()
-        if seconds:
-            print(f"llmopt: built the Hopper int8 GEMM in {seconds:.1f} s ({path})", file=sys.stderr)
+
+    def open_checked(path: Path) -> ctypes.CDLL:
         lib = _declare(ctypes.CDLL(str(path)))
         if not torch.cuda.is_current_stream_capturing():  # a test launch must not land in a graph
             _self_test(lib, torch.device("cuda", device_index))
-    except (BuildError, OSError, _Unusable) as exc:
-        fix = (
-            f"a failed self-test is a bug to report; {DISABLE_ENV}=0 goes straight to Triton without "
-            "this warning"
-            if isinstance(exc, _Unusable)
-            else f"install what it names, or set {DISABLE_ENV}=0 to use that path without this warning"
-        )
-        warnings.warn(
-            f"llmopt's Hopper int8 GEMM is unavailable ({exc}); int8 matmuls of {MIN_ROWS}-{MAX_ROWS} rows "
-            f"(prefill, large batches) use the slower Triton / dequantize path. To fix: {fix}.",
-            stacklevel=3,
-        )
-        return None
-    return lib
+        return lib
+
+    return native_build.load_or_warn(
+        "Hopper int8 GEMM",
+        build_library,
+        open_checked,
+        consequence=f"int8 matmuls of {MIN_ROWS}-{MAX_ROWS} rows (prefill, large batches) use the slower "
+        "Triton / dequantize path",
+        unusable_fix=f"a failed self-test is a bug to report; {DISABLE_ENV}=0 goes straight to Triton "
+        "without this warning",
+        build_fix=f"install what it names, or set {DISABLE_ENV}=0 to use that path without this warning",
+    )
 
 
 def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
@@ -237,10 +227,10 @@ def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
             try:
                 int8_gemm(xs, q.to(device), s.to(device), out, config=name, lib=lib)
             except RuntimeError as exc:
-                raise _Unusable(f"self-test: {name} ({dtype}): {exc}") from exc
+                raise Unusable(f"self-test: {name} ({dtype}): {exc}") from exc
             err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
             if not err < 2e-2:  # 16-bit rounding is ~4e-3; NaN (an unwritten output) fails too
-                raise _Unusable(f"self-test: {name} ({dtype}) off by {err:.1e} relative")
+                raise Unusable(f"self-test: {name} ({dtype}) off by {err:.1e} relative")
 
 
 def enabled() -> bool:

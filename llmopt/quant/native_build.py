@@ -11,10 +11,13 @@ until the inputs change or the folder is deleted.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import subprocess
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import cast
@@ -22,6 +25,32 @@ from typing import cast
 
 class BuildError(RuntimeError):
     pass
+
+
+class Unusable(Exception):
+    """A library that builds cannot serve this device (a GPU too old for it, or a failed self-test)."""
+
+
+def load_or_warn(
+    what: str,
+    build: Callable[[], tuple[Path, float]],
+    open_checked: Callable[[Path], ctypes.CDLL],
+    consequence: str,
+    unusable_fix: str,
+    build_fix: str,
+) -> ctypes.CDLL | None:
+    """``open_checked(path)`` of the library ``build()`` makes (saying so when it had to compile), or
+    None with one warning: llmopt's ``what`` is unavailable (why), ``consequence``, and how to fix it
+    (``unusable_fix`` when it built but cannot serve this device, else ``build_fix``)."""
+    try:
+        path, seconds = build()
+        if seconds:
+            print(f"llmopt: built the {what} in {seconds:.1f} s ({path})", file=sys.stderr)
+        return open_checked(path)
+    except (BuildError, OSError, Unusable) as exc:
+        fix = unusable_fix if isinstance(exc, Unusable) else build_fix
+        warnings.warn(f"llmopt's {what}: unavailable ({exc}); {consequence}. To fix: {fix}.", stacklevel=4)
+        return None
 
 
 def tool_version(executable: str) -> str:
