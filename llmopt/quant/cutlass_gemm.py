@@ -65,7 +65,7 @@ MAX_ROWS = 4096
 
 
 @dataclass(frozen=True)
-class TileConfig:
+class GemmTile:
     tile_m: int  # weight channels per tile
     tile_n: int  # rows of x per tile
     cooperative: bool  # True: 2 warpgroups on one 128-channel tile, stream-K; False: ping-pong, persistent
@@ -73,18 +73,18 @@ class TileConfig:
 
 
 CONFIGS = {
-    "pp64x64": TileConfig(64, 64, False, 0.108),
-    "pp64x128": TileConfig(64, 128, False, 0.125),
-    "pp64x256": TileConfig(64, 256, False, 0.186),
-    "sk128x64": TileConfig(128, 64, True, 0.161),
-    "sk128x128": TileConfig(128, 128, True, 0.246),
-    "sk128x256": TileConfig(128, 256, True, 0.279),
+    "pp64x64": GemmTile(64, 64, False, 0.108),
+    "pp64x128": GemmTile(64, 128, False, 0.125),
+    "pp64x256": GemmTile(64, 256, False, 0.186),
+    "sk128x64": GemmTile(128, 64, True, 0.161),
+    "sk128x128": GemmTile(128, 128, True, 0.246),
+    "sk128x256": GemmTile(128, 256, True, 0.279),
 }
 STREAM_K_SPLIT_COST = 5.52  # in the same units: the partial-sum reduction when K is split
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def estimated_cost(config: TileConfig, m: int, n: int, k: int, sms: int) -> float:
+def estimated_cost(config: GemmTile, m: int, n: int, k: int, sms: int) -> float:
     """Relative time of ``config`` on an (m rows) x (n channels) x (k inputs) product: waves of output
     tiles times K steps times the configuration's per-step cost. Ping-pong tiles run in whole waves;
     stream-K spreads the K steps of all tiles evenly over the SMs, paying a reduction when it splits
