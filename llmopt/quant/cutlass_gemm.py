@@ -267,12 +267,14 @@ def int8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.
     """``out = x @ (q * scale[:, None]).T`` for x (M, K) bf16/fp16, q (N, K) int8, scale (N,) in x's
     type, out (M, N) in x's type. ``config`` forces a configuration (sweeps, the self-test), ``lib``
     another build of the library (the self-test), else the checked one."""
+    from llmopt.quant.triton_kernels import sm_count  # (imports this module)
+
     if lib is None:
         lib = _library(x.device.index or 0)
     assert lib is not None
     (m, k), n = x.shape, q.shape[0]
     if config is None:
-        config = choose_config(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+        config = choose_config(m, n, k, sm_count(x.device.index or 0))
     entry = getattr(lib, entry_name(config, x.dtype))
     with torch.cuda.device(x.device):  # the library launches on the calling thread's current device
         size = getattr(lib, entry_name(config, x.dtype) + "_workspace")(n, m, k)
