@@ -66,6 +66,9 @@ def test_missing_compiler_warns_and_falls_back(tmp_path, monkeypatch, uncached_l
         (1, 4096, 4104, None, False),
         (1, 28672, 4096, None, True),  # a large int8 weight: the CUDA-core kernel at one row,
         (2, 28672, 4096, None, False),  # the Triton tiles past it
+        (8, 4096, 14336, None, True),  # a mid-size one (down_proj): the tensor-core kernel up to 8 rows,
+        (9, 4096, 14336, None, False),  # the Triton tiles past them
+        (16, 4096, 4096, None, True),
         (1, 4096, 4096, 128, True),  # int4 one row
         (2, 4096, 96, 32, True),  # two rows, K not a multiple of 128: the CUDA-core kernel
         (3, 4096, 96, 32, False),  # the tensor-core kernel needs K a multiple of 128

@@ -41,10 +41,14 @@ NVCC_FLAGS = ("-O3", "-std=c++20", "-shared", "-Xcompiler", "-fPIC", "-DNDEBUG")
 # of 64 for int8, 128 for int4).
 CORE_MAX_ROWS = 2
 MAX_ROWS = 16
-# int8 past one row: the Triton tiles stream a large weight faster than these kernels (an H200, Llama-3-8B:
-# gate/up 32.8 against 34.7-36 us at 2-8 rows, the head 128 against 139-144), a small one slower (q/k/v
-# 13.3 against 10.4-11.2, o 10.1 against 8.1-8.7). Weights of more elements than this go to Triton.
-INT8_MAX_MULTIROW_WEIGHT = 32 << 20
+# int8 past one row: the Triton tiles stream the largest weights faster than the tensor-core kernel (an H200,
+# Llama-3-8B: gate/up 33.2-33.8 against 34.2-37.2 us at 2-8 rows; the head), the others slower (q/k/v 13.4
+# against 10.3-10.9, o 10.1 against 6.9-7.1, down 21.6 against 18.0-18.2 up to 8 rows, but 21.7 against 23.0+
+# from 12). Weights of more than INT8_MAX_MULTIROW_WEIGHT elements go to Triton past one row, those of more
+# than INT8_ANY_ROWS_WEIGHT past INT8_MID_MAX_ROWS rows.
+INT8_ANY_ROWS_WEIGHT = 32 << 20
+INT8_MAX_MULTIROW_WEIGHT = 64 << 20
+INT8_MID_MAX_ROWS = 8
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
@@ -171,7 +175,7 @@ def enabled() -> bool:
 
 def _rows_ok(m: int, n: int, k: int, group: int | None) -> bool:
     if group is None:  # int8
-        if m > 1 and n * k > INT8_MAX_MULTIROW_WEIGHT:
+        if m > 1 and n * k > (INT8_ANY_ROWS_WEIGHT if m > INT8_MID_MAX_ROWS else INT8_MAX_MULTIROW_WEIGHT):
             return False
         return (1 <= m <= CORE_MAX_ROWS and k % 16 == 0) or (1 <= m <= MAX_ROWS and k % 64 == 0)
     group_ok = group >= 32 and group & (group - 1) == 0 and k % group == 0
@@ -181,8 +185,9 @@ def _rows_ok(m: int, n: int, k: int, group: int | None) -> bool:
 def usable(x: torch.Tensor, weight: torch.Tensor, k: int, group: int | None = None) -> bool:
     """Whether the CUDA kernels take this call: a bf16/fp16 CUDA x of 1-2 rows, or up to 16 rows with K
     a multiple of 64 (int8) or 128 (int4); int8 K a multiple of 16 and, past one row, a weight of at
-    most INT8_MAX_MULTIROW_WEIGHT elements; int4 groups a power of two >= 32 dividing K; a 16-byte
-    aligned contiguous weight; and the library builds here."""
+    most INT8_MAX_MULTIROW_WEIGHT elements (INT8_ANY_ROWS_WEIGHT past INT8_MID_MAX_ROWS rows); int4
+    groups a power of two >= 32 dividing K; a 16-byte aligned contiguous weight; and the library
+    builds here."""
     return (
         x.is_cuda
         and weight.is_contiguous()

@@ -283,17 +283,22 @@ __global__ void __launch_bounds__(kThreads) int4_gemv_kernel(const T* __restrict
 // The row bytes are read in 64-byte chunks: thread t (g = t / 4, tig = t % 4) loads 16 bytes of
 // channels g and g + 8 at byte 16 * tig of a chunk, four 32-bit words of each. A word holds 4
 // consecutive inputs (int8), or 4 consecutive inputs in its low nibbles and the 4 inputs half a group
-// later in its high nibbles (int4), so it feeds one mma step (int8) or two (int4).
+// later in its high nibbles (int4), so it feeds one mma step (int8) or two (int4). Each warp loads its
+// next chunk before it works on the current one, so a chunk's loads are in flight during the math.
 // The mma's k slots need not be consecutive inputs, only the same for the weight (A) and x (B): thread
-// tig's slots 2tig, 2tig + 1 take a word's bytes 0 and 2, slots 2tig + 8, 2tig + 9 its bytes 1 and 3.
-// With that assignment a mask on the word itself puts a pair in the two 16-bit halves (no byte
-// permutes); x is loaded at the same 4 inputs (one 8-byte load) and its halves are paired to match.
-// Integers become 16-bit floats exactly, with logic ops and one subtraction:
+// tig's slots 2tig, 2tig + 1 take a word's inputs 0 and 1, slots 2tig + 8, 2tig + 9 its inputs 2 and 3.
+// Then x's 4 inputs (one 8-byte load) are the B operand as they lie in memory, and one byte permute
+// per pair of bytes spreads the weight's bytes to the two 16-bit halves of a word.
+// Integers become 16-bit floats exactly, with logic ops (and for int8 one subtraction):
 //   int8 fp16: (byte ^ 0x80) | 0x6400 is 1024 + q + 128; minus 1152 gives q.
 //   int8 bf16: the low 7 bits in 0x4300 (128 + low) minus 0x4300 or 0x4380 (128, or 256 when the sign
 //              bit is set) gives low - 128 * sign = q.
-//   int4: nibble | 0x4300 (bf16) or 0x6400 (fp16) is 128 + nibble or 1024 + nibble; minus (offset +
-//         zero) gives nibble - zero, in [-15, 15].
+//   int4: nibble | 0x4300 (bf16) or 0x6400 (fp16) is B + nibble with B = 128 or 1024 (one LOP3 per
+//         pair). With groups of >= 128 the offset is not subtracted per weight: a second mma with an
+//         all-ones A sums x over the same slots, and per group sum(x * (B + nib)) - (B + zero) * sum(x)
+//         is sum(x * (nib - zero)) (exact integer products, fp32 sums); the scale then multiplies it.
+//         Smaller groups subtract B + zero and multiply by the scale in 16 bits (one rounding, as the
+//         Triton kernels do) before the mma.
 // The products of these small integers with x are exact in the mma's fp32 sums; the per-channel (int8)
 // or per-group (int4, groups of >= 128) scale multiplies the sums, in fp32 (MmaMode below).
 template <typename T>
@@ -301,15 +306,8 @@ struct MmaOps;
 template <>
 struct MmaOps<__nv_bfloat16> {
   using V = __nv_bfloat162;
-  static constexpr uint32_t kNibbleMagic = 0x43004300u;  // 128.0 in each half
-  static constexpr float kNibbleOffset = 128.0f;
   __device__ static V pair(float v) { return __float2bfloat162_rn(v); }
-  // int8 bytes in bits 0-7 and 16-23 of `b` (the rest anything) as a pair of bf16 integers.
-  __device__ static uint32_t int8_pair(uint32_t b) {
-    uint32_t low = (b & 0x007F007Fu) | 0x43004300u, sign = (b & 0x00800080u) | 0x43004300u;
-    V v = __hsub2(*reinterpret_cast<V*>(&low), *reinterpret_cast<V*>(&sign));
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
+
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -321,14 +319,8 @@ struct MmaOps<__nv_bfloat16> {
 template <>
 struct MmaOps<__half> {
   using V = __half2;
-  static constexpr uint32_t kNibbleMagic = 0x64006400u;  // 1024.0 in each half
-  static constexpr float kNibbleOffset = 1024.0f;
   __device__ static V pair(float v) { return __float2half2_rn(v); }
-  __device__ static uint32_t int8_pair(uint32_t b) {
-    uint32_t biased = ((b ^ 0x00800080u) & 0x00FF00FFu) | 0x64006400u;  // 1024 + q + 128
-    V v = __hsub2(*reinterpret_cast<V*>(&biased), __float2half2_rn(1152.0f));
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
+
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -338,68 +330,137 @@ struct MmaOps<__half> {
   }
 };
 
-// Nibbles in bits 0-3 and 16-19 of `b` minus (offset + zero), as a 16-bit pair.
-template <typename T>
-__device__ __forceinline__ uint32_t nibble_pair(uint32_t b, typename MmaOps<T>::V zero) {
-  using V = typename MmaOps<T>::V;
-  uint32_t biased = (b & 0x000F000Fu) | MmaOps<T>::kNibbleMagic;
-  V v = __hsub2(*reinterpret_cast<V*>(&biased), zero);
-  return *reinterpret_cast<uint32_t*>(&v);
+// Bytes 0 and 1 (pair 0) or 2 and 3 (pair 1) of `w` in bytes 0 and 2 of the result (bytes 1 and 3 zero).
+__device__ __forceinline__ uint32_t spread(uint32_t w, int pair) {
+  return __byte_perm(w, 0u, pair == 0 ? 0x4140u : 0x4342u);
 }
 
-// x[row, i .. i + 3] (8 bytes, 16-bit) as the B operand pair for slots (i, i + 2) and (i + 1, i + 3).
-__device__ __forceinline__ void x_operand(const void* row, int i, bool ok, uint32_t& b0, uint32_t& b1) {
-  const uint2 v = ok ? *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(row) + i) : make_uint2(0, 0);
-  b0 = __byte_perm(v.x, v.y, 0x5410);
-  b1 = __byte_perm(v.x, v.y, 0x7632);
+// (a & b) | c as one LOP3 (written as C, the two constants become two LOP3s with an immediate each).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// The conversions: 16-bit integers from the weight's bytes with logic ops and one subtraction.
+template <typename T>
+struct Converter;
+template <>
+struct Converter<__nv_bfloat16> {
+  using V = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each half
+  static constexpr float kNibbleOffset = 128.0f;
+  // The nibbles in bits 0-3 and 16-19 of `b` minus `offset` (a pair of 128 + zero point), exactly.
+  __device__ __forceinline__ static uint32_t nibbles(uint32_t b, V offset) {
+    uint32_t biased = and_or(b, 0x000F000Fu, kMagic);  // 128 + nibble
+    V v = __hsub2(*reinterpret_cast<V*>(&biased), offset);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  // int8 bytes in bits 0-7 and 16-23 of `b` (bytes 1 and 3 zero) as a pair of bf16 integers:
+  // (128 + low 7 bits) - (128 + 128 * sign bit).
+  __device__ __forceinline__ static uint32_t int8s(uint32_t b) {
+    uint32_t low = and_or(b, 0x007F007Fu, kMagic), high = and_or(b, 0x00800080u, kMagic);
+    V v = __hsub2(*reinterpret_cast<V*>(&low), *reinterpret_cast<V*>(&high));
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+template <>
+struct Converter<__half> {
+  using V = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half
+  static constexpr float kNibbleOffset = 1024.0f;
+  // The nibbles in bits 0-3 and 16-19 of `b` minus `offset` (a pair of 1024 + zero point), exactly.
+  __device__ __forceinline__ static uint32_t nibbles(uint32_t b, V offset) {
+    uint32_t biased = and_or(b, 0x000F000Fu, kMagic);  // 1024 + nibble
+    V v = __hsub2(*reinterpret_cast<V*>(&biased), offset);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  // (1024 + (q ^ 0x80)) - 1152 = q; bytes 1 and 3 of `b` are zero.
+  __device__ __forceinline__ static uint32_t int8s(uint32_t b) {
+    uint32_t biased = (b ^ 0x00800080u) | kMagic;
+    V v = __hsub2(*reinterpret_cast<V*>(&biased), __float2half2_rn(1152.0f));
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+// x[row, i .. i + 3] (8 bytes, 16-bit) as the B operand: slots (2tig, 2tig + 1) and (2tig + 8, 2tig + 9).
+__device__ __forceinline__ uint2 x_operand(const void* row, int i) {
+  return *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(row) + i);
 }
 
 // What a tensor-core kernel computes: int8 with a per-channel scale, or int4 with a scale per group of
-// >= 128 inputs (a 64-byte chunk of a row, 128 inputs, lies in one group, so every mma step sums one
-// group and the scale multiplies its fp32 sums), or int4 with smaller groups (the 4 lanes of an mma
+// >= 128 inputs (a 64-byte chunk of a row, 128 inputs, lies in one group, so a chunk's mma steps sum one
+// group and the scale multiplies those fp32 sums), or int4 with smaller groups (the 4 lanes of an mma
 // step read different groups: each weight is dequantized to (v - zero) * scale in 16 bits first, one
 // rounding, as the Triton kernels do).
 enum MmaMode : int { kInt8 = 0, kInt4ScaleSums = 1, kInt4ScaleWeights = 2 };
 
+// A scale as float, by its type (float, bf16 or fp16).
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// Where a thread's int4 scales and zero points are: its two channels' rows of them (S: the scales' type).
+template <typename S>
+struct GroupRows {
+  const S* scale_a;
+  const S* scale_b;
+  const uint8_t* zero_a;
+  const uint8_t* zero_b;
+};
+
 // One thread's share of one 64-byte chunk of its block's 16 channels: the 16 bytes `wa` of channel
-// row_a and `wb` of row_a + 8 at byte `byte` of their rows, into acc (NT tiles of 8 x rows).
-template <typename T, int kMode, int NT>
-__device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, int byte, int row_a, int row_b, int group,
-                                          int groups, const void* __restrict__ scale, int scale_dtype,
-                                          const uint8_t* __restrict__ zero, const T* const (&x_row)[NT],
-                                          const bool (&x_ok)[NT], float (&acc)[NT][4]) {
-  using Ops = MmaOps<T>;
-  using V = typename Ops::V;
+// row_a and `wb` of row_a + 8 at byte `byte` of their rows, into acc (NT tiles of 8 x rows). x_row[t]
+// points at the thread's x row of tile t (rows past m_rows repeat the last one: their outputs are not
+// written, and an mma's columns do not mix).
+template <typename T, typename S, int kMode, int NT>
+__device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, unsigned byte, int group_shift,
+                                          const GroupRows<S>& rows, const T* const (&x_row)[NT],
+                                          float (&acc)[NT][4]) {
+  using Cv = Converter<T>;
+  using V = typename Cv::V;
   if constexpr (kMode == kInt8) {
+    const T* xs[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) xs[t] = x_row[t] + byte;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint32_t word_a = word_of(wa, j), word_b = word_of(wb, j);
-      const uint32_t a[4] = {Ops::int8_pair(word_a), Ops::int8_pair(word_b), Ops::int8_pair(word_a >> 8),
-                             Ops::int8_pair(word_b >> 8)};
+      const uint32_t a[4] = {Cv::int8s(spread(word_a, 0)), Cv::int8s(spread(word_b, 0)), Cv::int8s(spread(word_a, 1)),
+                             Cv::int8s(spread(word_b, 1))};
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
-        uint32_t b0, b1;
-        x_operand(x_row[t], byte + 4 * j, x_ok[t], b0, b1);
-        Ops::mma(acc[t], a, b0, b1);
+        const uint2 b = x_operand(xs[t], 4 * j);
+        MmaOps<T>::mma(acc[t], a, b.x, b.y);
       }
     }
   } else {
-    const int half_group = group / 2, grp = byte / half_group;
-    const int first = grp * group + byte % half_group;  // the thread's first low-nibble input
-    const int64_t sa = (int64_t)row_a * groups + grp, sb = (int64_t)row_b * groups + grp;
-    const V zero_a = Ops::pair(Ops::kNibbleOffset + (float)zero[sa]);
-    const V zero_b = Ops::pair(Ops::kNibbleOffset + (float)zero[sb]);
-    const float s_a = load_scalar(scale, sa, scale_dtype), s_b = load_scalar(scale, sb, scale_dtype);
-    const V scale_a = Ops::pair(s_a), scale_b = Ops::pair(s_b);
+    // Groups are powers of two >= 32: the chunk's group and the thread's first low-nibble input.
+    const unsigned half_group = 1u << (group_shift - 1);
+    const unsigned grp = byte >> (group_shift - 1);
+    const unsigned first = (grp << group_shift) + (byte & (half_group - 1));
+    const float s_a = to_float(rows.scale_a[grp]), s_b = to_float(rows.scale_b[grp]);
+    // offset + zero point of the two channels (exact in 16 bits)
+    const V zero_a = MmaOps<T>::pair(Cv::kNibbleOffset + (float)rows.zero_a[grp]);
+    const V zero_b = MmaOps<T>::pair(Cv::kNibbleOffset + (float)rows.zero_b[grp]);
+    const T* xs[NT][2];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      xs[t][0] = x_row[t] + first;
+      xs[t][1] = xs[t][0] + half_group;
+    }
     float c[NT][4] = {};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
+      const uint32_t pa[2] = {spread(word_of(wa, j), 0), spread(word_of(wa, j), 1)};
+      const uint32_t pb[2] = {spread(word_of(wb, j), 0), spread(word_of(wb, j), 1)};
 #pragma unroll
       for (int high = 0; high < 2; ++high) {
-        const uint32_t word_a = word_of(wa, j) >> (4 * high), word_b = word_of(wb, j) >> (4 * high);
-        uint32_t a[4] = {nibble_pair<T>(word_a, zero_a), nibble_pair<T>(word_b, zero_b),
-                         nibble_pair<T>(word_a >> 8, zero_a), nibble_pair<T>(word_b >> 8, zero_b)};
-        if constexpr (kMode == kInt4ScaleWeights) {
+        const int shift = 4 * high;
+        uint32_t a[4] = {Cv::nibbles(pa[0] >> shift, zero_a), Cv::nibbles(pb[0] >> shift, zero_b),
+                         Cv::nibbles(pa[1] >> shift, zero_a), Cv::nibbles(pb[1] >> shift, zero_b)};
+        if constexpr (kMode == kInt4ScaleWeights) {  // (v - zero) * scale in 16 bits
+          const V scale_a = MmaOps<T>::pair(s_a), scale_b = MmaOps<T>::pair(s_b);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             V v = __hmul2(*reinterpret_cast<V*>(&a[i]), i % 2 == 0 ? scale_a : scale_b);
@@ -408,9 +469,8 @@ __device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, int 
         }
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-          uint32_t b0, b1;
-          x_operand(x_row[t], first + high * half_group + 4 * j, x_ok[t], b0, b1);
-          Ops::mma(kMode == kInt4ScaleWeights ? acc[t] : c[t], a, b0, b1);
+          const uint2 b = x_operand(xs[t][high], 4 * j);
+          MmaOps<T>::mma(kMode == kInt4ScaleWeights ? acc[t] : c[t], a, b.x, b.y);
         }
       }
     }
@@ -465,62 +525,73 @@ __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)
 }
 
 // Weights read straight into registers: each thread loads its fragments' 16-byte pieces (16 rows x 64
-// bytes per warp load), U chunks in flight.
-template <typename T, int kMode, int NT, int WARPS, int U>
+// bytes per warp load) of U chunks, and the next U chunks' before working on these.
+template <typename T, typename S, int kMode, int NT, int WARPS, int U>
 __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
                                                             const void* __restrict__ scale, int scale_dtype,
                                                             const uint8_t* __restrict__ zero, T* __restrict__ out,
-                                                            int m_rows, int n, int k, int group, int64_t ldx,
+                                                            int m_rows, int n, int k, int group_shift, int64_t ldx,
                                                             int64_t ldo) {
   __shared__ float partial[WARPS > 1 ? WARPS : 1][32][NT * 4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
   const int row_a = blockIdx.x * 16 + g, row_b = row_a + 8;
   const bool ok_a = row_a < n, ok_b = row_b < n;
   const int64_t row_bytes = kMode == kInt8 ? k : k / 2;
-  const int chunks = row_bytes / 64, groups = kMode == kInt8 ? 1 : k / group;
+  const int chunks = row_bytes / 64, groups = kMode == kInt8 ? 1 : k >> group_shift;
+  const uint8_t* const base_a = w + (ok_a ? row_a : 0) * row_bytes + 16 * tig;
+  const uint8_t* const base_b = w + (ok_b ? row_b : 0) * row_bytes + 16 * tig;
+  const GroupRows<S> rows{static_cast<const S*>(scale) + (int64_t)(ok_a ? row_a : 0) * groups,
+                          static_cast<const S*>(scale) + (int64_t)(ok_b ? row_b : 0) * groups,
+                          zero + (int64_t)(ok_a ? row_a : 0) * groups, zero + (int64_t)(ok_b ? row_b : 0) * groups};
   const T* x_row[NT];
-  bool x_ok[NT];
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    x_ok[t] = t * 8 + g < m_rows;
-    x_row[t] = x + (x_ok[t] ? t * 8 + g : 0) * ldx;
-  }
+  for (int t = 0; t < NT; ++t) x_row[t] = x + min(t * 8 + g, m_rows - 1) * ldx;
   float acc[NT][4] = {};
-  for (int base = warp; base < chunks; base += WARPS * U) {
+  // Each thread's next U chunks are loaded before it works on the current ones.
+  uint4 next_a[U], next_b[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int chunk = min(warp + u * WARPS, chunks - 1);
+    next_a[u] = load_stream(base_a + chunk * 64);
+    next_b[u] = load_stream(base_b + chunk * 64);
+  }
+  for (int first = warp; first < chunks; first += WARPS * U) {
     uint4 wa[U], wb[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int chunk = base + u * WARPS;
-      const int64_t offset = (int64_t)chunk * 64 + 16 * tig;
-      wa[u] = chunk < chunks && ok_a ? load_stream(w + row_a * row_bytes + offset) : make_uint4(0, 0, 0, 0);
-      wb[u] = chunk < chunks && ok_b ? load_stream(w + row_b * row_bytes + offset) : make_uint4(0, 0, 0, 0);
+      wa[u] = next_a[u];
+      wb[u] = next_b[u];
+      const int chunk = min(first + (U + u) * WARPS, chunks - 1);  // past the end: a load never used
+      next_a[u] = load_stream(base_a + chunk * 64);
+      next_b[u] = load_stream(base_b + chunk * 64);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int chunk = base + u * WARPS;
+      const int chunk = first + u * WARPS;
       if (chunk >= chunks) break;
-      mma_chunk<T, kMode, NT>(wa[u], wb[u], chunk * 64 + 16 * tig, ok_a ? row_a : 0, ok_b ? row_b : 0, group, groups,
-                              scale, scale_dtype, zero, x_row, x_ok, acc);
+      mma_chunk<T, S, kMode, NT>(wa[u], wb[u], chunk * 64 + 16 * tig, group_shift, rows, x_row, acc);
     }
   }
   mma_finish<T, kMode, NT, WARPS>(acc, partial, row_a, row_b, n, m_rows, scale, scale_dtype, out, ldo);
 }
 
-// Warps per block and chunks in flight, per scheme and tile count, from a sweep of 9 shapes on an H200
-// over Llama-3-8B's layers at 1-16 rows (examples/gpu_lowbit_kernels.py gemv-mma; BENCHMARKS.md §5):
-// int8 16 warps x 2 chunks at 1-8 rows, 8 x 1 at 9-16; int4 8 x 1, or 16 x 1 for rows of >= 96 chunks
-// (down_proj: 8 warps left each warp 14 chunks in a row). -DMMA_WARPS / -DMMA_UNROLL force one shape.
-template <typename T, int kMode, int NT, int WARPS, int U>
+template <typename T, typename S, int kMode, int NT, int WARPS, int U>
 cudaError_t launch_mma_shape(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero,
                              void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
   const dim3 grid((n + 15) / 16);
-  mma_gemv_kernel<T, kMode, NT, WARPS, U><<<grid, WARPS * 32, 0, stream>>>(
+  mma_gemv_kernel<T, S, kMode, NT, WARPS, U><<<grid, WARPS * 32, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const uint8_t*>(w), scale, scale_dtype, static_cast<const uint8_t*>(zero),
-      static_cast<T*>(out), m, n, k, group, ldx, ldo);
+      static_cast<T*>(out), m, n, k, group > 0 ? __builtin_ctz(group) : 0, ldx, ldo);
   return cudaGetLastError();
 }
 
-template <typename T, int kMode, int NT>
+// Warps per block (a block is 16 channels; its warps split K), from a sweep of 9 shapes (4, 8 or 16 warps x
+// 1, 2 or 4 chunks in flight) on an H200 over Llama-3-8B's layers at 1-16 rows (examples/gpu_lowbit_kernels.py
+// gemv-mma; BENCHMARKS.md §5): enough warps in all to fill the GPU, no more. One tile (up to 8 rows): 16 warps
+// for weights of <= 4096 channels (o, down: 256 blocks), else 8; two tiles: half as many for int4 (its
+// registers). One chunk in flight was best or within 5% nearly everywhere. -DMMA_WARPS / -DMMA_UNROLL force one
+// shape (sweeps).
+template <typename T, typename S, int kMode, int NT>
 cudaError_t launch_mma_mode(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero,
                             void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
 #if defined(MMA_WARPS) || defined(MMA_UNROLL)
@@ -530,29 +601,38 @@ cudaError_t launch_mma_mode(const void* x, const void* w, const void* scale, int
 #ifndef MMA_UNROLL
 #define MMA_UNROLL 1
 #endif
-  return launch_mma_shape<T, kMode, NT, MMA_WARPS, MMA_UNROLL>(x, w, scale, scale_dtype, zero, out, m, n, k, group,
-                                                                ldx, ldo, stream);
+  return launch_mma_shape<T, S, kMode, NT, MMA_WARPS, MMA_UNROLL>(x, w, scale, scale_dtype, zero, out, m, n, k, group,
+                                                                   ldx, ldo, stream);
 #else
-  const int chunks = (kMode == kInt8 ? k : k / 2) / 64;
-  if (kMode == kInt8 && NT == 1) {
-    return launch_mma_shape<T, kMode, NT, 16, 2>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
+  const bool narrow = n <= 4096;
+  if (NT == 1 || kMode == kInt8) {
+    return narrow ? launch_mma_shape<T, S, kMode, NT, 16, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx,
+                                                            ldo, stream)
+                  : launch_mma_shape<T, S, kMode, NT, 8, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx,
+                                                           ldo, stream);
   }
-  if (kMode != kInt8 && NT == 1 && chunks >= 96) {
-    return launch_mma_shape<T, kMode, NT, 16, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
-  }
-  return launch_mma_shape<T, kMode, NT, 8, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
+  return narrow ? launch_mma_shape<T, S, kMode, NT, 8, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo,
+                                                         stream)
+                : launch_mma_shape<T, S, kMode, NT, 4, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo,
+                                                         stream);
 #endif
 }
 
 template <typename T, bool kInt4>
 cudaError_t launch_mma(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero, void* out,
                        int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
-  auto go = [&]<int kMode>() {
-    return m <= 8 ? launch_mma_mode<T, kMode, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream)
-                  : launch_mma_mode<T, kMode, 2>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
+  auto go = [&]<typename S, int kMode>() {
+    return m <= 8 ? launch_mma_mode<T, S, kMode, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream)
+                  : launch_mma_mode<T, S, kMode, 2>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
   };
-  if constexpr (!kInt4) return go.template operator()<kInt8>();
-  return group >= 128 ? go.template operator()<kInt4ScaleSums>() : go.template operator()<kInt4ScaleWeights>();
+  // int8's per-channel scale is read once per output (any type, at run time); int4's per group, typed.
+  if constexpr (!kInt4) return go.template operator()<float, kInt8>();
+  auto by_group = [&]<typename S>() {
+    return group >= 128 ? go.template operator()<S, kInt4ScaleSums>() : go.template operator()<S, kInt4ScaleWeights>();
+  };
+  if (scale_dtype == kBFloat16) return by_group.template operator()<__nv_bfloat16>();
+  if (scale_dtype == kFloat16) return by_group.template operator()<__half>();
+  return by_group.template operator()<float>();
 }
 
 // The work's shape per row count (rows per team R, chunks in flight U, warps per team KSPLIT), from a
@@ -583,12 +663,14 @@ constexpr int kMaxRows = 2;      // the CUDA-core kernels
 constexpr int kMaxMmaRows = 16;  // the tensor-core kernel: two n8 tiles
 
 // From how many rows each scheme takes the tensor-core kernel (where K allows; at most 3, since the
-// CUDA-core kernels stop at 2 rows). -D overrides (sweeps).
+// CUDA-core kernels stop at 2 rows): int8 from 2 (one row streams faster on the CUDA cores: q/k/v 8.9
+// against 10.0 us), int4 from 1 (its conversion is cheaper for the tensor cores: gate/up 22.9 against 24.3 us
+// at one row). -D overrides (sweeps).
 #ifndef INT8_MMA_FROM
-#define INT8_MMA_FROM 3
+#define INT8_MMA_FROM 2
 #endif
 #ifndef INT4_MMA_FROM
-#define INT4_MMA_FROM 2
+#define INT4_MMA_FROM 1
 #endif
 static_assert(INT8_MMA_FROM <= kMaxRows + 1 && INT4_MMA_FROM <= kMaxRows + 1, "rows no kernel takes");
 
