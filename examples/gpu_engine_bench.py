@@ -22,7 +22,7 @@ on the engine with llmopt's kernels. First the quantized model's own transformer
 same QuantLinear kernels, unfused) against the engine (q/k/v and gate/up stacked, CUDA graphs,
 compiled), then `bench_candidate` at every batch size (BENCH=0 skips it), bf16 first as the same-run
 baseline; with BREAKDOWN=1 also each configuration's step split at BREAKDOWN_BATCHES (default 1), as
-part `engine` does for bf16.
+part `engine` does for bf16 (SUSTAINED=n adds n more blocks of 50 replays of the step, back to back).
 
 Part `prefill`: the engine's correctness (as part `engine`; CORRECTNESS=0 skips it), the host time
 to issue one quantized matmul against F.linear, then per scheme one prompt of each of
@@ -155,6 +155,8 @@ def breakdown(engine: Engine, batch: int, attn_len: int) -> dict:
         graph = runner.graphs.get((batch, attn_len)) or runner._capture(batch, attn_len)
         replay_ms = timed(graph.graph.replay, 50)
         eager_ms = timed(eager, 5)
+        # SUSTAINED=n: n more blocks of 50 replays back to back (does the step slow under sustained load?)
+        sustained = [timed(graph.graph.replay, 50) for _ in range(int(os.environ.get("SUSTAINED", "0")))]
     classes = {"weights": 0.0, "attention": 0.0, "other": 0.0}
     counts = {"weights": 0, "attention": 0, "other": 0}
     by_name: dict[str, float] = {}
@@ -175,6 +177,7 @@ def breakdown(engine: Engine, batch: int, attn_len: int) -> dict:
         "attention_ms": classes["attention"],
         "other_kernels_ms": classes["other"],
         "gaps_ms": replay_ms - busy,
+        "sustained_replay_ms": sustained,
         "kernels": counts,
         "top_kernels_ms": {name: round(ms, 3) for name, ms in top},
     }
