@@ -9,7 +9,8 @@ Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py split      # int8 decode: split-K set explicitly
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv       # CUDA decode kernels: work-shape sweep
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv-mma   # the tensor-core decode kernel's
-                                  # (BASELINE_SOURCE=old/gemv_cuda.cu: that version's dispatch, same call)
+                                  # (BASELINE_SOURCE=old/gemv_cuda.cu: that version's dispatch, same call;
+                                  # MMA_VARIANTS="-D.. -D..;-D..": build and time these -D sets instead)
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py cutlass    # the Hopper int8 GEMM: configurations,
                                   # the chosen one, int8_matmul with and without it, bf16 cuBLAS
 

@@ -132,9 +132,10 @@ def _library(device_index: int) -> ctypes.CDLL | None:
 
 
 def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
-    """One small product per kernel (each scheme at one row, the CUDA-core kernel, and at 11, the
-    tensor-core kernel with two n8 tiles; int4 with groups of 64, dequantized per weight, and of 128,
-    scaled after the mma) against float64, so that a build this GPU or driver cannot run is caught at
+    """One small product per kernel the dispatch runs, against float64: int8 at one row (the CUDA-core
+    kernel), 2 and 11 rows (the tensor-core kernel with one and two n8 tiles); int4 at 1 and 11 rows with
+    groups of 64 (dequantized per weight) and 128 (scaled after the mma), and at one row with K not a
+    multiple of 128 (the CUDA-core kernel). So that a build this GPU or driver cannot run is caught at
     load time, with a warning, rather than in the middle of a decode."""
     from llmopt.quant.triton_kernels import pack_int4_halves  # (imports this module)
 
@@ -144,24 +145,28 @@ def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
     q8, q4 = torch.randint(-127, 128, (n, k), generator=gen), torch.randint(-8, 8, (n, k), generator=gen)
     s8 = torch.rand(n, generator=gen) / 64
 
-    def int4_case(rows: int, group: int) -> tuple:
-        s4 = torch.rand(n, k // group, generator=gen) / 8
-        z4 = torch.randint(-8, 8, (n, k // group), generator=gen)
-        w4 = (q4.double().view(n, -1, group) - z4.double().view(n, -1, 1)) * s4.double().view(n, -1, 1)
-        return (rows, w4.view(n, k), lambda xs, out: int4_gemv(
-            xs, pack_int4_halves(q4.to(device), group), s4.to(device, torch.bfloat16),
+    def int4_case(rows: int, group: int, width: int = k) -> tuple:
+        s4 = torch.rand(n, width // group, generator=gen) / 8
+        z4 = torch.randint(-8, 8, (n, width // group), generator=gen)
+        q = q4[:, :width]
+        w4 = (q.double().view(n, -1, group) - z4.double().view(n, -1, 1)) * s4.double().view(n, -1, 1)
+        return (rows, width, w4.view(n, width), lambda xs, out: int4_gemv(
+            xs, pack_int4_halves(q.to(device), group), s4.to(device, torch.bfloat16),
             (z4 + 8).to(device, torch.uint8), group, out, lib=lib))  # fmt: skip
 
     cases = [
-        (rows, q8.double() * s8.double()[:, None], lambda xs, out: int8_gemv(
+        (rows, k, q8.double() * s8.double()[:, None], lambda xs, out: int8_gemv(
             xs, q8.to(device, torch.int8), s8.to(device, torch.bfloat16), out, lib=lib))
-        for rows in (1, 11)
-    ] + [int4_case(rows, group) for rows, group in ((1, 64), (11, 64), (11, 128))]  # fmt: skip
+        for rows in (1, 2, 11)
+    ] + [int4_case(rows, group) for rows, group in ((1, 64), (1, 128), (11, 64), (11, 128))] + [
+        int4_case(1, 32, width=224)
+    ]  # fmt: skip
     try:
-        for rows, weight, run in cases:
+        for rows, width, weight, run in cases:
             out = torch.full((rows, n), float("nan"), device=device, dtype=torch.bfloat16)
-            run(x[:rows].to(device), out)
-            ref = x[:rows].double() @ weight.T
+            xs = x[:rows, :width].contiguous()
+            run(xs.to(device), out)
+            ref = xs.double() @ weight.T
             err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
             if not err < 2e-2:  # bf16 rounding is ~4e-3; NaN (an unwritten output) fails too
                 raise Unusable(f"self-test: {rows}-row product off by {err:.1e} relative")
