@@ -1,6 +1,7 @@
-// llmopt's weight-only int8 / int4 matrix-vector kernels for decode on NVIDIA GPUs: on the CUDA cores at
-// 1-2 rows of x (int8_gemv_kernel, int4_gemv_kernel), on the tensor cores at up to 16 rows
-// (mma_gemv_kernel, further down, for either scheme). The entry points pick by row count.
+// llmopt's weight-only int8 / int4 matrix-vector kernels for decode on NVIDIA GPUs: on the tensor cores at
+// up to 16 rows of x (mma_gemv_kernel, further down, for either scheme: int4 from one row, int8 from two),
+// on the CUDA cores at 1-2 rows (int8_gemv_kernel: int8's one row; int4_gemv_kernel: int4 when K is not a
+// multiple of 128). The entry points pick by row count and K.
 //
 // out[m, n] = sum_k x[m, k] * dequant(W)[n, k] for a few rows m. At these row counts the matmul is a
 // stream of the weight's bytes, so the kernel is built around reading them at the copy rate and doing
@@ -289,25 +290,43 @@ __global__ void __launch_bounds__(kThreads) int4_gemv_kernel(const T* __restrict
 // tig's slots 2tig, 2tig + 1 take a word's inputs 0 and 1, slots 2tig + 8, 2tig + 9 its inputs 2 and 3.
 // Then x's 4 inputs (one 8-byte load) are the B operand as they lie in memory, and one byte permute
 // per pair of bytes spreads the weight's bytes to the two 16-bit halves of a word.
-// Integers become 16-bit floats exactly, with logic ops (and for int8 one subtraction):
+// Integers become 16-bit floats exactly, with logic ops and one subtraction per pair:
 //   int8 fp16: (byte ^ 0x80) | 0x6400 is 1024 + q + 128; minus 1152 gives q.
 //   int8 bf16: the low 7 bits in 0x4300 (128 + low) minus 0x4300 or 0x4380 (128, or 256 when the sign
 //              bit is set) gives low - 128 * sign = q.
-//   int4: nibble | 0x4300 (bf16) or 0x6400 (fp16) is B + nibble with B = 128 or 1024 (one LOP3 per
-//         pair). With groups of >= 128 the offset is not subtracted per weight: a second mma with an
-//         all-ones A sums x over the same slots, and per group sum(x * (B + nib)) - (B + zero) * sum(x)
-//         is sum(x * (nib - zero)) (exact integer products, fp32 sums); the scale then multiplies it.
-//         Smaller groups subtract B + zero and multiply by the scale in 16 bits (one rounding, as the
-//         Triton kernels do) before the mma.
-// The products of these small integers with x are exact in the mma's fp32 sums; the per-channel (int8)
-// or per-group (int4, groups of >= 128) scale multiplies the sums, in fp32 (MmaMode below).
+//   int4: nibble | 0x4300 (bf16) or 0x6400 (fp16) is B + nibble with B = 128 or 1024 (one LOP3 per pair);
+//         minus (B + zero point) gives nibble - zero, in [-15, 15].
+// Each (a & mask) | magic is written as one lop3 with both constants in registers (as C, the compiler
+// makes two LOP3s, each with one immediate). The products of these small integers with x are exact in the
+// mma's fp32 sums; the per-channel (int8) or per-group (int4, groups of >= 128) scale multiplies the sums,
+// in fp32 (MmaMode below).
+// (Taking int4's offset off with a second mma per step, whose A is all ones or -(B + zero), was tried: the
+// compiler rebuilds that constant A quad with four moves before every mma, as many instructions as the
+// subtractions it replaces.)
+
+// (a & b) | c as one LOP3.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Per 16-bit type: its pair type, the nibble magic (B in each half), the mma, and int8's conversion.
 template <typename T>
 struct MmaOps;
 template <>
 struct MmaOps<__nv_bfloat16> {
   using V = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each half
+  static constexpr float kNibbleOffset = 128.0f;
   __device__ static V pair(float v) { return __float2bfloat162_rn(v); }
-
+  // int8 bytes in bits 0-7 and 16-23 of `b` (bytes 1 and 3 zero) as a pair of bf16 integers:
+  // (128 + low 7 bits) - (128 + 128 * sign bit).
+  __device__ __forceinline__ static uint32_t int8s(uint32_t b) {
+    uint32_t low = and_or(b, 0x007F007Fu, kMagic), high = and_or(b, 0x00800080u, kMagic);
+    V v = __hsub2(*reinterpret_cast<V*>(&low), *reinterpret_cast<V*>(&high));
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -319,8 +338,15 @@ struct MmaOps<__nv_bfloat16> {
 template <>
 struct MmaOps<__half> {
   using V = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half
+  static constexpr float kNibbleOffset = 1024.0f;
   __device__ static V pair(float v) { return __float2half2_rn(v); }
-
+  // (1024 + (q ^ 0x80)) - 1152 = q; bytes 1 and 3 of `b` are zero.
+  __device__ __forceinline__ static uint32_t int8s(uint32_t b) {
+    uint32_t biased = (b ^ 0x00800080u) | kMagic;
+    V v = __hsub2(*reinterpret_cast<V*>(&biased), __float2half2_rn(1152.0f));
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -330,58 +356,19 @@ struct MmaOps<__half> {
   }
 };
 
+// The nibbles in bits 0-3 and 16-19 of `b` minus `offset` (a pair of B + zero point), exactly.
+template <typename T>
+__device__ __forceinline__ uint32_t nibbles(uint32_t b, typename MmaOps<T>::V offset) {
+  using V = typename MmaOps<T>::V;
+  uint32_t biased = and_or(b, 0x000F000Fu, MmaOps<T>::kMagic);  // B + nibble
+  V v = __hsub2(*reinterpret_cast<V*>(&biased), offset);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
 // Bytes 0 and 1 (pair 0) or 2 and 3 (pair 1) of `w` in bytes 0 and 2 of the result (bytes 1 and 3 zero).
 __device__ __forceinline__ uint32_t spread(uint32_t w, int pair) {
   return __byte_perm(w, 0u, pair == 0 ? 0x4140u : 0x4342u);
 }
-
-// (a & b) | c as one LOP3 (written as C, the two constants become two LOP3s with an immediate each).
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
-// The conversions: 16-bit integers from the weight's bytes with logic ops and one subtraction.
-template <typename T>
-struct Converter;
-template <>
-struct Converter<__nv_bfloat16> {
-  using V = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in each half
-  static constexpr float kNibbleOffset = 128.0f;
-  // The nibbles in bits 0-3 and 16-19 of `b` minus `offset` (a pair of 128 + zero point), exactly.
-  __device__ __forceinline__ static uint32_t nibbles(uint32_t b, V offset) {
-    uint32_t biased = and_or(b, 0x000F000Fu, kMagic);  // 128 + nibble
-    V v = __hsub2(*reinterpret_cast<V*>(&biased), offset);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  // int8 bytes in bits 0-7 and 16-23 of `b` (bytes 1 and 3 zero) as a pair of bf16 integers:
-  // (128 + low 7 bits) - (128 + 128 * sign bit).
-  __device__ __forceinline__ static uint32_t int8s(uint32_t b) {
-    uint32_t low = and_or(b, 0x007F007Fu, kMagic), high = and_or(b, 0x00800080u, kMagic);
-    V v = __hsub2(*reinterpret_cast<V*>(&low), *reinterpret_cast<V*>(&high));
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-template <>
-struct Converter<__half> {
-  using V = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in each half
-  static constexpr float kNibbleOffset = 1024.0f;
-  // The nibbles in bits 0-3 and 16-19 of `b` minus `offset` (a pair of 1024 + zero point), exactly.
-  __device__ __forceinline__ static uint32_t nibbles(uint32_t b, V offset) {
-    uint32_t biased = and_or(b, 0x000F000Fu, kMagic);  // 1024 + nibble
-    V v = __hsub2(*reinterpret_cast<V*>(&biased), offset);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  // (1024 + (q ^ 0x80)) - 1152 = q; bytes 1 and 3 of `b` are zero.
-  __device__ __forceinline__ static uint32_t int8s(uint32_t b) {
-    uint32_t biased = (b ^ 0x00800080u) | kMagic;
-    V v = __hsub2(*reinterpret_cast<V*>(&biased), __float2half2_rn(1152.0f));
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
 
 // x[row, i .. i + 3] (8 bytes, 16-bit) as the B operand: slots (2tig, 2tig + 1) and (2tig + 8, 2tig + 9).
 __device__ __forceinline__ uint2 x_operand(const void* row, int i) {
@@ -417,8 +404,8 @@ template <typename T, typename S, int kMode, int NT>
 __device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, unsigned byte, int group_shift,
                                           const GroupRows<S>& rows, const T* const (&x_row)[NT],
                                           float (&acc)[NT][4]) {
-  using Cv = Converter<T>;
-  using V = typename Cv::V;
+  using Ops = MmaOps<T>;
+  using V = typename Ops::V;
   if constexpr (kMode == kInt8) {
     const T* xs[NT];
 #pragma unroll
@@ -426,12 +413,12 @@ __device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, unsi
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint32_t word_a = word_of(wa, j), word_b = word_of(wb, j);
-      const uint32_t a[4] = {Cv::int8s(spread(word_a, 0)), Cv::int8s(spread(word_b, 0)), Cv::int8s(spread(word_a, 1)),
-                             Cv::int8s(spread(word_b, 1))};
+      const uint32_t a[4] = {Ops::int8s(spread(word_a, 0)), Ops::int8s(spread(word_b, 0)),
+                             Ops::int8s(spread(word_a, 1)), Ops::int8s(spread(word_b, 1))};
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         const uint2 b = x_operand(xs[t], 4 * j);
-        MmaOps<T>::mma(acc[t], a, b.x, b.y);
+        Ops::mma(acc[t], a, b.x, b.y);
       }
     }
   } else {
@@ -441,8 +428,8 @@ __device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, unsi
     const unsigned first = (grp << group_shift) + (byte & (half_group - 1));
     const float s_a = to_float(rows.scale_a[grp]), s_b = to_float(rows.scale_b[grp]);
     // offset + zero point of the two channels (exact in 16 bits)
-    const V zero_a = MmaOps<T>::pair(Cv::kNibbleOffset + (float)rows.zero_a[grp]);
-    const V zero_b = MmaOps<T>::pair(Cv::kNibbleOffset + (float)rows.zero_b[grp]);
+    const V zero_a = Ops::pair(Ops::kNibbleOffset + (float)rows.zero_a[grp]);
+    const V zero_b = Ops::pair(Ops::kNibbleOffset + (float)rows.zero_b[grp]);
     const T* xs[NT][2];
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -457,10 +444,10 @@ __device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, unsi
 #pragma unroll
       for (int high = 0; high < 2; ++high) {
         const int shift = 4 * high;
-        uint32_t a[4] = {Cv::nibbles(pa[0] >> shift, zero_a), Cv::nibbles(pb[0] >> shift, zero_b),
-                         Cv::nibbles(pa[1] >> shift, zero_a), Cv::nibbles(pb[1] >> shift, zero_b)};
+        uint32_t a[4] = {nibbles<T>(pa[0] >> shift, zero_a), nibbles<T>(pb[0] >> shift, zero_b),
+                         nibbles<T>(pa[1] >> shift, zero_a), nibbles<T>(pb[1] >> shift, zero_b)};
         if constexpr (kMode == kInt4ScaleWeights) {  // (v - zero) * scale in 16 bits
-          const V scale_a = MmaOps<T>::pair(s_a), scale_b = MmaOps<T>::pair(s_b);
+          const V scale_a = Ops::pair(s_a), scale_b = Ops::pair(s_b);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             V v = __hmul2(*reinterpret_cast<V*>(&a[i]), i % 2 == 0 ? scale_a : scale_b);
@@ -470,7 +457,7 @@ __device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, unsi
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
           const uint2 b = x_operand(xs[t][high], 4 * j);
-          MmaOps<T>::mma(kMode == kInt4ScaleWeights ? acc[t] : c[t], a, b.x, b.y);
+          Ops::mma(kMode == kInt4ScaleWeights ? acc[t] : c[t], a, b.x, b.y);
         }
       }
     }
