@@ -488,7 +488,7 @@ def gemv_variants() -> list[tuple[str, ...]]:
 def mma_variants() -> list[tuple[str, ...]]:
     """Work shapes of the tensor-core decode kernel: warps per block x chunks in flight. (A version that
     staged the weights through shared memory was slower at every shape: BENCHMARKS.md §5.)"""
-    if os.environ.get("MMA_VARIANTS"):  # e.g. "-DMMA_WARPS=8 -DMMA_UNROLL=2 -DMMA_ADJACENT=1;-DMMA_WARPS=16"
+    if os.environ.get("MMA_VARIANTS"):  # e.g. "-DMMA_WARPS=8 -DMMA_UNROLL=2;-DMMA_WARPS=16 -DINT4_MMA_FROM=2"
         return [tuple(v.split()) for v in os.environ["MMA_VARIANTS"].split(";")]
     shapes = itertools.product((4, 8, 16), (1, 2, 4))
     return [(f"-DMMA_WARPS={w}", f"-DMMA_UNROLL={u}") for w, u in shapes]
