@@ -592,16 +592,17 @@ cudaError_t launch_mma_mode(const void* x, const void* w, const void* scale, int
                                                                    ldx, ldo, stream);
 #else
   const bool narrow = n <= 4096;
-  if (NT == 1 || kMode == kInt8) {
+  if constexpr (NT == 1 || kMode == kInt8) {
     return narrow ? launch_mma_shape<T, S, kMode, NT, 16, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx,
                                                             ldo, stream)
                   : launch_mma_shape<T, S, kMode, NT, 8, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx,
                                                            ldo, stream);
+  } else {
+    return narrow ? launch_mma_shape<T, S, kMode, NT, 8, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx,
+                                                           ldo, stream)
+                  : launch_mma_shape<T, S, kMode, NT, 4, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx,
+                                                           ldo, stream);
   }
-  return narrow ? launch_mma_shape<T, S, kMode, NT, 8, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo,
-                                                         stream)
-                : launch_mma_shape<T, S, kMode, NT, 4, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo,
-                                                         stream);
 #endif
 }
 
