@@ -123,8 +123,8 @@ def part_check() -> dict:
               (8, 1000, 4096), (2, 40, 96), (12, 333, 4096), (9, 37, 1408), (13, 4096, 14336),
               (17, 333, 768),
               (33, 4096, 1408), (128, 4096, 4096), (1000, 1536, 576),
-              # the Hopper int8 GEMM (cutlass_gemm) from 64 rows: odd row counts, N not a multiple of
-              # its tiles, K split by stream-K; N not a multiple of 8 stays on Triton
+              # the Hopper int8 / int4 GEMM (cutlass_gemm) from 64 rows: odd row counts, N not a multiple
+              # of its tiles, K split by stream-K; N not a multiple of 8 stays on Triton
               (64, 4104, 1040), (77, 5000, 2000), (200, 6144, 4096), (257, 1000, 4096),
               (96, 28672, 4096), (513, 4096, 14336), (100, 333, 4096)]  # fmt: skip
     int8_cases = [(m, n, k, None) for m, n, k in shapes]
@@ -145,12 +145,16 @@ def part_check() -> dict:
                 out = torch.full((x.shape[0], n), float("nan"), device=DEV, dtype=x.dtype)
                 if scheme == "int8":
                     return tk.int8_matmul(x, b["weight_int8"], b["scales"], out=out)
-                return tk.int4_matmul(x, b["weight_int4"], b["scales"], b["zeros"], group, out=out)
+                return tk.int4_matmul(x, b["weight_int4"], b["scales"], b["zeros"], group, out=out,
+                                      group_major=by_group(b))  # fmt: skip
 
             out = run()
             weight = buffers["weight_int8" if scheme == "int8" else "weight_int4"]
             path = "cuda" if cuda_gemv.usable(x, weight, k, group) else "triton"
             if scheme == "int8" and not w8a8 and cutlass_gemm.usable(x, weight, buffers["scales"], out):
+                path = "cutlass"
+            gm = by_group(buffers)
+            if scheme == "int4" and gm is not None and cutlass_gemm.usable_int4(x, weight, *gm, group, out):
                 path = "cutlass"
             err = rel_err(out, ref)
             row = {"scheme": scheme, "m": m, "n": n, "k": k, "group": group, "dtype": str(dtype),
@@ -171,15 +175,15 @@ def part_check() -> dict:
                 rows_ok = row["rows_max_step"] <= 1.0 + 1e-6 and row["rows_mismatch_share"] < 1e-3
                 row["ok"] = row["ok"] and rows_ok
             rows.append(row)
-    # CUDA graph capture of the custom op, as the engine does it (compiled): decode rows (the CUDA
-    # kernels) and 128 rows (the Hopper int8 GEMM, stream-K workspace and all).
-    graph_err = max(graph_check(m) for m in (2, 128))
+    # CUDA graph capture of the custom ops, as the engine does it (compiled): decode rows (the CUDA
+    # kernels) and 128 rows (the Hopper int8 / int4 GEMM, stream-K workspace and all).
+    graph_err = max(graph_check(m, scheme) for m in (2, 128) for scheme in ("int8", "int4"))
     result = {"cases": rows, "all_ok": all(r["ok"] for r in rows), "graph_rel_err": graph_err}
     worst = max(r["rel_err"] for r in rows)
     n_cuda = sum(r["path"] == "cuda" for r in rows)
     n_cutlass = sum(r["path"] == "cutlass" for r in rows)
     print(
-        f"check: {len(rows)} cases ({n_cuda} on the CUDA decode kernels, {n_cutlass} on the Hopper int8 "
+        f"check: {len(rows)} cases ({n_cuda} on the CUDA decode kernels, {n_cutlass} on the Hopper int8/int4 "
         f"GEMM), all_ok={result['all_ok']}, "
         f"worst rel_err {worst:.2e}, graph {graph_err:.2e}"
     )
@@ -189,11 +193,26 @@ def part_check() -> dict:
     return result
 
 
-def graph_check(m: int) -> float:
-    """Relative error of the compiled int8 op captured in a CUDA graph and replayed on new inputs."""
-    q, s, _, deq = make_layer("int8", 4096, 4096, torch.bfloat16)
+def by_group(buffers: dict) -> tuple | None:
+    """An int4 layer's group-major scales for the Hopper GEMM, where prepare made them."""
+    return tuple(buffers[n] for n in tk.GROUP_MAJOR) if tk.GROUP_MAJOR[0] in buffers else None
+
+
+def graph_check(m: int, scheme: str) -> float:
+    """Relative error of the compiled op captured in a CUDA graph and replayed on new inputs."""
+    q, s, zp, deq = make_layer(scheme, 4096, 4096, torch.bfloat16)
+    shape = LayerShape(scheme, 4096, 4096, None if scheme == "int8" else GROUP)
+    kernel = tk.TritonInt8Kernel() if scheme == "int8" else tk.TritonInt4Kernel()
+    b = kernel.prepare(q, s, zp, shape, DEV, torch.bfloat16)
     x = torch.randn(m, 4096, device=DEV, dtype=torch.bfloat16)
-    fn = torch.compile(lambda t: torch.ops.llmopt.int8_mm(t, q, s.reshape(-1)) * 2, fullgraph=True)
+    gm = by_group(b) or (None, None)
+
+    def op(t: torch.Tensor) -> torch.Tensor:
+        if scheme == "int8":
+            return torch.ops.llmopt.int8_mm(t, b["weight_int8"], b["scales"]) * 2
+        return torch.ops.llmopt.int4_mm(t, b["weight_int4"], b["scales"], b["zeros"], GROUP, *gm) * 2
+
+    fn = torch.compile(op, fullgraph=True)
     captured: list[torch.Tensor] = []
     graph = capture(lambda: captured.append(fn(x)), warmup=lambda: [fn(x) for _ in range(3)])
     x.copy_(torch.randn_like(x))
@@ -601,54 +620,84 @@ CUTLASS_ROWS = (32, 48, 64, 96, 128, 192, 256, 512, 1024, 2048)
 
 
 def part_cutlass() -> dict:
-    """The Hopper int8 GEMM on Llama-3-8B's layers: every configuration, the one ``choose_config``
-    picks, what int8_matmul runs without it (LLMOPT_CUTLASS=0: Triton tiles below 256 rows, dequantize
-    + cuBLAS from 256) and bf16 cuBLAS, all in one call; plus each configuration's error against
-    float64 and a second run's bit-identity."""
+    """The Hopper int8 and int4 GEMMs on Llama-3-8B's layers (SCHEMES, default both): every
+    configuration, the one ``choose_config`` picks, what int8_matmul / int4_matmul run without it
+    (LLMOPT_CUTLASS=0: Triton tiles below 256 rows, dequantize + cuBLAS from 256) and bf16 cuBLAS, all
+    in one call; plus each configuration's error against float64 and a second run's bit-identity.
+    ROWS overrides the row counts."""
     copy_bw = copy_bandwidth()
     rows = []
-    for name, (n, k) in LLAMA_SHAPES.items():
-        q, s, _, deq = make_layer("int8", n, k, torch.bfloat16)
-        scales = s.reshape(-1).contiguous()
-        qs = [q.clone() for _ in range(max(2, math.ceil(256e6 / (n * k))))]
-        ws = [deq.to(torch.bfloat16) for _ in range(max(2, math.ceil(256e6 / (2 * n * k))))]
-        for m in CUTLASS_ROWS:
-            row = cutlass_shape(name, m, qs, scales, ws, deq, copy_bw)
-            print(f"{name:8} m={m:5} bf16 {row['bf16_us']:8.1f} without {row['without_us']:8.1f} "
-                  f"default {row['default_us']:8.1f} pick {row['pick']:9} (x{row['pick_over_best']:.2f} of "
-                  f"{row['best']})", flush=True)  # fmt: skip
-            rows.append(row)
-        del qs, ws
+    row_counts = [int(v) for v in os.environ.get("ROWS", ",".join(map(str, CUTLASS_ROWS))).split(",")]
+    for scheme in os.environ.get("SCHEMES", "int8,int4").split(","):
+        for name, (n, k) in LLAMA_SHAPES.items():
+            q, s, zp, deq = make_layer(scheme, n, k, torch.bfloat16)
+            shape = LayerShape(scheme, k, n, None if scheme == "int8" else GROUP)
+            kernel = tk.TritonInt8Kernel() if scheme == "int8" else tk.TritonInt4Kernel()
+            b = kernel.prepare(q, s, zp, shape, DEV, torch.bfloat16)
+            nbytes = sum(t.numel() * t.element_size() for t in b.values())
+            extra = math.ceil(256e6 / nbytes)
+            copies = [b] + [{key: t.clone() for key, t in b.items()} for _ in range(extra)]
+            ws = [deq.to(torch.bfloat16) for _ in range(max(2, math.ceil(256e6 / (2 * n * k))))]
+            for m in row_counts:
+                row = cutlass_shape(scheme, name, m, copies, ws, deq, copy_bw)
+                best_us = row["configs"][row["best"]]["us"]
+                worst_err = max(c["rel_err"] for c in row["configs"].values())
+                print(f"{scheme} {name:8} m={m:5} bf16 {row['bf16_us']:8.1f} "
+                      f"without {row['without_us']:8.1f} default {row['default_us']:8.1f} "
+                      f"pick {row['pick']:9} (x{row['pick_over_best']:.2f} "
+                      f"of {row['best']} {best_us:.1f}) err {worst_err:.1e}", flush=True)  # fmt: skip
+                rows.append(row)
+            del copies, ws
     ok = all(c["rel_err"] < 1e-2 and c["repeatable"] for r in rows for c in r["configs"].values())
     print(f"cutlass: {len(rows)} shapes x {len(cutlass_gemm.CONFIGS)} configurations, all_ok={ok}, worst "
           f"pick/best {max(r['pick_over_best'] for r in rows):.2f}")  # fmt: skip
     return {"copy_bw": copy_bw, "rows": rows, "all_ok": ok}
 
 
-def cutlass_shape(name: str, m: int, qs: list, scales: torch.Tensor, ws: list, deq: torch.Tensor,
+def cutlass_shape(scheme: str, name: str, m: int, copies: list, ws: list, deq: torch.Tensor,
                   copy_bw: float) -> dict:  # fmt: skip
-    """One (layer, rows) row of part_cutlass; ``qs`` / ``ws``: int8 / bf16 weight copies (> L2)."""
-    (n, k), q = qs[0].shape, qs[0]
+    """One (scheme, layer, rows) row of part_cutlass; ``copies``: the layer's prepared buffers, enough
+    copies to miss L2; ``ws``: bf16 weight copies."""
+    (n, k), b0 = deq.shape, copies[0]
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
     ref = x.double() @ deq.double().T
-    row = {"shape": name, "n": n, "k": k, "m": m, "pick": cutlass_gemm.choose_config(m, n, k, tk.sm_count(0)),
-           "takes_rows": cutlass_gemm.takes_rows(m, n, k), "configs": {}}  # fmt: skip
+    row = {"scheme": scheme, "shape": name, "n": n, "k": k, "m": m,
+           "pick": cutlass_gemm.choose_config(m, n, k, tk.sm_count(0)),
+           "takes_rows": cutlass_gemm.takes_rows(m, n, k, scheme), "configs": {}}  # fmt: skip
+
+    def library(i: int, y: torch.Tensor) -> None:
+        b = copies[i]
+        if scheme == "int8":
+            tk.int8_matmul(x, b["weight_int8"], b["scales"], out=y)
+        else:
+            gm = by_group(b)
+            tk.int4_matmul(x, b["weight_int4"], b["scales"], b["zeros"], GROUP, out=y, group_major=gm)
+
+    def config_run(i: int, y: torch.Tensor, config: str) -> None:
+        b = copies[i]
+        if scheme == "int8":
+            cutlass_gemm.int8_gemm(x, b["weight_int8"], b["scales"], y, config=config)
+        else:
+            gm = by_group(b)
+            assert gm is not None, "int4_wanted() said no on this GPU"
+            cutlass_gemm.int4_gemm(x, b["weight_int4"], *gm, GROUP, y, config=config)
+
     row["bf16_us"] = time_graph(lambda i: torch.mm(x, ws[i].T, out=out), len(ws)) * 1e6
     for label, env in (("without_us", "0"), ("default_us", "1")):
         os.environ[cutlass_gemm.DISABLE_ENV] = env
-        row[label] = time_graph(lambda i: tk.int8_matmul(x, qs[i], scales, out=out), len(qs)) * 1e6
+        row[label] = time_graph(lambda i: library(i, out), len(copies)) * 1e6
     for config in cutlass_gemm.CONFIGS:
         y, again = (torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16) for _ in range(2))
-        cutlass_gemm.int8_gemm(x, q, scales, y, config=config)
-        cutlass_gemm.int8_gemm(x, q, scales, again, config=config)
-        sec = time_graph(lambda i, c=config: cutlass_gemm.int8_gemm(x, qs[i], scales, out, config=c), len(qs))
+        config_run(0, y, config)
+        config_run(0, again, config)
+        sec = time_graph(lambda i, c=config: config_run(i, out, c), len(copies))
         row["configs"][config] = {"us": sec * 1e6, "rel_err": rel_err(y, ref),
                                   "repeatable": bool(torch.equal(y, again))}  # fmt: skip
     best = min(row["configs"], key=lambda c: row["configs"][c]["us"])
     row["best"] = best
     row["pick_over_best"] = row["configs"][row["pick"]]["us"] / row["configs"][best]["us"]
-    moved = n * k + 2 * n + 2 * m * (k + n)
+    moved = sum(t.numel() * t.element_size() for t in b0.values()) + 2 * m * (k + n)
     row["pct_copy_bw_default"] = 100 * moved / (row["default_us"] / 1e6) / copy_bw
     return row
 

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from llmopt.bench.metrics import (
     RequestRecord,
@@ -70,3 +71,19 @@ def test_a_tied_head_counts_the_embedding_table_as_read(tiny_dir):
     untied_total, unread = model_bytes(tied)
     table = tied.model.embed_tokens.weight
     assert unread == table.numel() * 4 and untied_total == total + unread
+
+
+def test_copies_kept_for_other_row_counts_are_not_read_by_a_decode_step(tiny_dir, monkeypatch):
+    from llmopt.bench.offline import model_bytes
+    from llmopt.models import LoadSpec, load_model
+    from llmopt.quant.inplace import quantize_model_
+    from llmopt.quant.linear import QuantLinear
+    from llmopt.quant.schemes import QuantSpec
+
+    model = load_model("tiny-random", LoadSpec(dtype="float32", device="cpu")).model
+    quantize_model_(model, QuantSpec("int8"))
+    total, unread = model_bytes(model)
+    layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    layer.register_buffer("prefill_copy", torch.zeros(100, dtype=torch.uint8))
+    monkeypatch.setattr(type(layer.kernel), "decode_unread", ("prefill_copy",))
+    assert model_bytes(model) == (total + 100, unread + 100)

@@ -1,11 +1,12 @@
-"""llmopt's Hopper int8 GEMM (llmopt/quant/cutlass_gemm.py, csrc/int8_gemm_sm90.cu) without a GPU.
+"""llmopt's Hopper int8/int4 GEMM (llmopt/quant/cutlass_gemm.py, csrc/mixed_gemm_sm90.cu) without a GPU.
 
 The GEMM runs only on a Hopper GPU: examples/gpu_lowbit_kernels.py ``check`` compares it there with a
 float64 reference (odd shapes, NaN-poisoned outputs, a second run bit-identical, a CUDA-graph replay)
-and ``cutlass`` times every configuration against bf16 cuBLAS (BENCHMARKS.md §5). Here: one of its
-translation units compiles with nvcc against CUTLASS's headers where both are installed, the tile
-choice and row rule on Llama-3-8B's shapes, where the headers are looked for, CPU tensors never reach
-it, and a missing dependency gives one warning naming the fix and the Triton path instead of an error.
+and ``cutlass`` times every configuration against bf16 cuBLAS (BENCHMARKS.md §5). Here: its int8 and
+int4 translation units compile with nvcc against CUTLASS's headers where both are installed, llmopt's
+int4 layout and zero points map exactly onto what CUTLASS computes, the tile choice and row rule on
+Llama-3-8B's shapes, where the headers are looked for, CPU tensors never reach it, and a missing
+dependency gives one warning naming the fix and the Triton path instead of an error.
 """
 
 from __future__ import annotations
@@ -24,18 +25,44 @@ H200_SMS = 132
 @pytest.mark.skipif(
     nvcc_path() is None or cutlass_gemm.header_dirs() is None, reason="needs nvcc and CUTLASS's headers"
 )
-def test_one_translation_unit_compiles(tmp_path):
+@pytest.mark.parametrize("scheme", cutlass_gemm.SCHEMES)
+def test_one_translation_unit_compiles(tmp_path, scheme):
     import subprocess
 
     nvcc, dirs = nvcc_path(), cutlass_gemm.header_dirs()
     assert nvcc is not None and dirs is not None
     obj = tmp_path / "unit.o"
-    argv = cutlass_gemm.compile_command(nvcc, dirs, "pp64x64", torch.bfloat16, obj)
+    argv = cutlass_gemm.compile_command(nvcc, dirs, "pp64x64", torch.bfloat16, obj, scheme)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     symbols = subprocess.run(["nm", str(obj)], capture_output=True, text=True, check=True).stdout
-    entry = cutlass_gemm.entry_name("pp64x64", torch.bfloat16)
+    entry = cutlass_gemm.entry_name("pp64x64", torch.bfloat16, scheme)
     assert f" T {entry}\n" in symbols and f" T {entry}_workspace\n" in symbols
+
+
+def test_int4_layout_and_zero_points_map_onto_cutlass():
+    """What the int4 GEMM computes, written out: CUTLASS reads byte j's low nibble as input 2j and its
+    high one as 2j + 1 and makes each weight u * s + z; with ``group_major``'s s and z and x's columns
+    permuted by ``interleave_halves`` that is exactly x @ dequant(W).T for llmopt's half-split bytes."""
+    from llmopt.quant.triton_kernels import pack_int4_halves
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, group = 24, 512, 128
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    zero_point = torch.randint(-8, 8, (n, k // group), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(n, k // group, generator=gen) / 8).to(torch.bfloat16).double()  # as models store it
+    packed = pack_int4_halves(q, group)
+    u = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(n, k).double()  # CUTLASS's reading
+    zeros = (zero_point.to(torch.int16) + 8).to(torch.uint8)
+    s, z = cutlass_gemm.group_major(scale, zeros, torch.float64)
+    assert s.shape == z.shape == (k // group, n) and s.is_contiguous() and z.is_contiguous()
+    weight_cutlass = u * s.T.repeat_interleave(group, dim=1) + z.T.repeat_interleave(group, dim=1)
+    x = torch.randn(5, k, generator=gen, dtype=torch.float64)
+    dequant = (q.double() - zero_point.double().repeat_interleave(group, dim=1)) * scale.repeat_interleave(
+        group, dim=1
+    )
+    got = cutlass_gemm.interleave_halves(x, group) @ weight_cutlass.T
+    torch.testing.assert_close(got, x @ dequant.T, rtol=1e-12, atol=1e-12)
 
 
 # The fastest configuration measured on an H200 (the sweep in BENCHMARKS.md §5) where the cost model's
@@ -70,19 +97,25 @@ def test_cost_model_counts_waves_and_splits():
 
 
 @pytest.mark.parametrize(
-    ("m", "n", "k", "expected"),
+    ("m", "n", "k", "scheme", "expected"),
     [
-        (48, 28672, 4096, False),  # Triton's tiles are faster below MIN_ROWS
-        (64, 28672, 4096, True),
-        (96, 4096, 4096, False),  # o_proj-sized weights from SMALL_WEIGHT_MIN_ROWS
-        (128, 4096, 4096, True),
-        (64, 6144, 4096, True),
-        (4096, 28672, 4096, True),
-        (4097, 28672, 4096, False),  # compute-bound: dequantize + cuBLAS bf16
+        (48, 28672, 4096, "int8", False),  # Triton's tiles are faster below MIN_ROWS
+        (64, 28672, 4096, "int8", True),
+        (96, 4096, 4096, "int8", False),  # o_proj-sized weights from SMALL_WEIGHT_MIN_ROWS
+        (128, 4096, 4096, "int8", True),
+        (64, 6144, 4096, "int8", True),
+        (4096, 28672, 4096, "int8", True),
+        (4097, 28672, 4096, "int8", False),  # compute-bound: dequantize + cuBLAS bf16
+        (32, 28672, 4096, "int4", False),  # int4's Triton tiles win up to 32 rows, lose from 33
+        (33, 28672, 4096, "int4", True),
+        (128, 4096, 4096, "int4", False),  # int4's small weights stay on Triton longer
+        (256, 4096, 4096, "int4", True),
+        (512, 4096, 14336, "int4", True),
+        (513, 4096, 14336, "int4", False),  # int4 crosses over to dequantize + cuBLAS sooner
     ],
 )
-def test_row_rule(m, n, k, expected):
-    assert cutlass_gemm.takes_rows(m, n, k) is expected
+def test_row_rule(m, n, k, scheme, expected):
+    assert cutlass_gemm.takes_rows(m, n, k, scheme) is expected
 
 
 def test_headers_from_a_cutlass_checkout(tmp_path, monkeypatch):
@@ -102,7 +135,11 @@ def test_cpu_tensors_never_reach_the_library(monkeypatch):
     monkeypatch.setattr(cutlass_gemm, "_library", no_build)
     x = torch.randn(128, 64, dtype=torch.bfloat16)
     q, scale = torch.zeros(64, 64, dtype=torch.int8), torch.ones(64, dtype=torch.bfloat16)
-    assert not cutlass_gemm.usable(x, q, scale, torch.empty(128, 64, dtype=torch.bfloat16))
+    out = torch.empty(128, 64, dtype=torch.bfloat16)
+    assert not cutlass_gemm.usable(x, q, scale, out)
+    packed, by_group = torch.zeros(64, 32, dtype=torch.uint8), torch.ones(1, 64, dtype=torch.bfloat16)
+    assert not cutlass_gemm.usable_int4(x, packed, by_group, by_group, 64, out)
+    assert not cutlass_gemm.int4_wanted(torch.device("cpu"), torch.bfloat16, 128)
 
 
 @pytest.fixture

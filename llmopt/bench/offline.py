@@ -112,8 +112,11 @@ class _StepClock:
 
 
 def model_bytes(model: Any) -> tuple[int, int]:
-    """(bytes of every parameter and buffer at its stored width, bytes of the input embedding table
-    that a decode step does not read: 0 when the head is tied to it, since the head reads it whole)."""
+    """(bytes of every parameter and buffer at its stored width, bytes of those a decode step does not
+    read: the input embedding table (0 when the head is tied to it, since the head reads it whole), and
+    the copies a quantized layer's kernel keeps for other row counts, ``QuantKernel.decode_unread``)."""
+    from llmopt.quant.linear import QuantLinear
+
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
@@ -121,11 +124,16 @@ def model_bytes(model: Any) -> tuple[int, int]:
             continue  # tied weights count once
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()
+    unread = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            copies = (getattr(module, name, None) for name in module.kernel.decode_unread)
+            unread += sum(t.numel() * t.element_size() for t in copies if t is not None)
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is embedding:
-        return total, 0
-    return total, embedding.numel() * embedding.element_size()
+        return total, unread
+    return total, unread + embedding.numel() * embedding.element_size()
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:

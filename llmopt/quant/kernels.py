@@ -30,6 +30,7 @@ class QuantKernel(ABC):
     scheme: str
     slow_on: tuple[str, ...] = ()  # device types where this kernel is only a last resort (load warns)
     slow_hint: str = ""  # what to do about it
+    decode_unread: tuple[str, ...] = ()  # buffers kept for other row counts, not read by a decode step
 
     @abstractmethod
     def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool: ...

@@ -1,9 +1,11 @@
 """Triton kernels for weight-only int8 and int4 matmuls on the GPU.
 
 ``int8_matmul`` / ``int4_matmul`` are llmopt's GPU low-bit matmuls. Decode's few rows go first to
-the CUDA C++ kernels of ``cuda_gemv`` (int4 at 1-16 rows; int8 at 1 row, and at 2-16 for weights of
-at most 32 Mi elements; faster there, BENCHMARKS.md §5) when nvcc can build them; on Hopper GPUs int8
-at 64-4,096 rows goes to CUTLASS's mixed-input GEMM (``cutlass_gemm``); everything else runs here.
+the CUDA C++ kernels of ``cuda_gemv`` (int4 at 1-16 rows; int8 at 1-16 within its weight-size rules;
+faster there, BENCHMARKS.md §5) when nvcc can build them; on Hopper GPUs int8 at 64-4,096 rows and
+int4 at 33-512 go to CUTLASS's mixed-input GEMM (``cutlass_gemm``; int4 with groups of a multiple of
+64, through the group-major copies of its scales that ``prepare`` adds there); everything else runs
+here.
 
 One Triton kernel family serves every row count: a tile of ``BLOCK_M`` rows of ``x`` meets a tile of
 the low-bit weight that is loaded as integers, dequantized in registers and fed to ``tl.dot``
@@ -531,9 +533,11 @@ def int4_matmul(
     group: int,
     out: torch.Tensor | None = None,
     config: TileConfig | None = None,
+    group_major: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``x @ dequant(W).T`` for the half-split int4 layout: packed (N, K/2) uint8, scale and zero
-    (N, K/G). Writes into ``out`` (M, N) when given."""
+    (N, K/G). Writes into ``out`` (M, N) when given. ``group_major``: the layer's
+    ``cutlass_gemm.group_major`` scales, where it keeps them (prefill and large batches on Hopper)."""
     x = x.contiguous()
     (m, k), n = x.shape, packed.shape[0]
     out = _prepare_out(x, n, out)
@@ -541,6 +545,12 @@ def int4_matmul(
         return out
     if config is None and cuda_gemv.usable(x, packed, k, group):  # decode rows: the CUDA kernels
         return cuda_gemv.int4_gemv(x, packed, scale, zero, group, out)
+    if (
+        config is None
+        and group_major is not None
+        and cutlass_gemm.usable_int4(x, packed, *group_major, group, out)
+    ):  # prefill, large batches on Hopper
+        return cutlass_gemm.int4_gemm(x, packed, *group_major, group, out)
     if _use_dequant(m, config):
         return torch.mm(x, int4_dequantize(packed, scale, zero, group, x.dtype).T, out=out)
     cfg = config or choose_config("int4", m, n, k, group, sm_count(x.device.index or 0))
@@ -582,14 +592,27 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("llmopt::int4_mm", mutates_args=())
 def _int4_mm_op(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group: int,
+    scale_g: torch.Tensor | None = None,
+    zero_g: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return int4_matmul(x, packed, scale, zero, group)
+    by_group = (scale_g, zero_g) if scale_g is not None and zero_g is not None else None
+    return int4_matmul(x, packed, scale, zero, group, group_major=by_group)
 
 
 @_int4_mm_op.register_fake
 def _(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group: int,
+    scale_g: torch.Tensor | None = None,
+    zero_g: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return x.new_empty((x.shape[0], packed.shape[0]))
 
@@ -623,11 +646,15 @@ class TritonInt8Kernel(RowMajorQuantKernel):
         return torch.ops.llmopt.int8_mm(*args) if torch.compiler.is_compiling() else int8_matmul(*args)
 
 
+GROUP_MAJOR = ("scales_by_group", "zeros_by_group")  # TritonInt4Kernel's buffers for cutlass_gemm.int4_gemm
+
+
 class TritonInt4Kernel(RowMajorQuantKernel):
     """``llmopt::int4_mm``: as TritonInt8Kernel, for the half-split int4 layout."""
 
     name = "llmopt.int4_mm"
     scheme = "int4"
+    decode_unread = GROUP_MAJOR  # read by cutlass_gemm, past decode's rows
 
     def supports(self, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> bool:
         g = shape.group_size
@@ -646,18 +673,29 @@ class TritonInt4Kernel(RowMajorQuantKernel):
         assert group is not None
         n, k = q.shape
         zp = zero_point if zero_point is not None else torch.zeros(n, k // group, dtype=torch.int8)
-        return {
+        buffers = {
             "weight_int4": pack_int4_halves(q.to(device), group),
             "scales": scale.reshape(n, k // group).to(device=device).contiguous(),
             "zeros": (zp.reshape(n, k // group).to(torch.int16) + 8)
             .to(device=device, dtype=torch.uint8)
             .contiguous(),
         }
+        if cutlass_gemm.int4_wanted(torch.device(device), dtype, group):  # prefill / large batches on Hopper
+            scale_g, zero_g = cutlass_gemm.group_major(buffers["scales"], buffers["zeros"], dtype)
+            buffers |= {"scales_by_group": scale_g, "zeros_by_group": zero_g}
+        return buffers
+
+    def concat(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """As RowMajorQuantKernel's, but the group-major copies (K/G, N) stack along their columns."""
+        return {name: torch.cat([p[name] for p in parts], dim=int(name in GROUP_MAJOR)) for name in parts[0]}
 
     def matmul(self, x, buffers, shape):
         assert shape.group_size is not None
         args = (x, buffers["weight_int4"], buffers["scales"], buffers["zeros"], shape.group_size)
-        return torch.ops.llmopt.int4_mm(*args) if torch.compiler.is_compiling() else int4_matmul(*args)
+        by_group = tuple(buffers[name] for name in GROUP_MAJOR) if GROUP_MAJOR[0] in buffers else None
+        if torch.compiler.is_compiling():
+            return torch.ops.llmopt.int4_mm(*args, *(by_group or (None, None)))
+        return int4_matmul(*args, group_major=by_group)
 
 
 def available() -> list[QuantKernel]:
