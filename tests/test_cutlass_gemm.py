@@ -162,3 +162,21 @@ def test_missing_compiler_warns(tmp_path, monkeypatch, uncached_library):
     monkeypatch.setattr(cutlass_gemm, "nvcc_path", lambda: None)
     with pytest.warns(UserWarning, match="nvcc"):
         assert cutlass_gemm._library(0) is None
+
+
+def test_stacked_int4_layers_keep_their_group_major_copies_aligned():
+    """The engine stacks q/k/v and gate/up (``QuantKernel.concat``): the (N, ...) buffers along rows, the
+    (K/G, N) group-major copies along columns, so channel c of the stack has its own scales in both."""
+    from llmopt.quant.triton_kernels import GROUP_MAJOR, TritonInt4Kernel
+
+    def layer(n: int, first: int) -> dict[str, torch.Tensor]:
+        scales = torch.arange(first, first + n * 4, dtype=torch.float32).view(n, 4)  # (N, K/G), K/G = 4
+        return {"weight_int4": torch.zeros(n, 256, dtype=torch.uint8), "scales": scales,
+                "zeros": torch.zeros(n, 4, dtype=torch.uint8), GROUP_MAJOR[0]: scales.T.contiguous(),
+                GROUP_MAJOR[1]: -scales.T.contiguous()}  # fmt: skip
+
+    stacked = TritonInt4Kernel().concat([layer(8, 0), layer(16, 1000)])
+    assert stacked is not None
+    assert stacked["weight_int4"].shape == (24, 256) and stacked["scales"].shape == (24, 4)
+    torch.testing.assert_close(stacked[GROUP_MAJOR[0]], stacked["scales"].T)
+    torch.testing.assert_close(stacked[GROUP_MAJOR[1]], -stacked["scales"].T)

@@ -241,7 +241,7 @@ def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
     zero_point = torch.randint(-8, 8, (n, k // group), generator=gen, dtype=torch.int8)
     scale4 = torch.rand(n, k // group, generator=gen) / 8
     zeros = (zero_point.to(torch.int16) + 8).to(torch.uint8)  # stored as zp + 8, as the kernels take them
-    w4 = (q4.double().view(n, -1, group) - zero_point.double()[..., None]) * scale4.double()[..., None]
+    levels = q4.double().view(n, -1, group) - zero_point.double()[..., None]
     packed = pack_int4_halves(q4, group).to(device)
     for dtype in _DTYPES:
         xs = x.to(device, dtype)
@@ -249,7 +249,7 @@ def _self_test(lib: ctypes.CDLL, device: torch.device) -> None:
         scale_g, zero_g = group_major(s4.to(device), zeros.to(device), dtype)
         refs = {
             "int8": xs.cpu().double() @ (q8.double() * s8.double()[:, None]).T,
-            "int4": xs.cpu().double() @ w4.view(n, k).T,
+            "int4": xs.cpu().double() @ (levels * s4.double()[..., None]).view(n, k).T,
         }
         for scheme, ref in refs.items():
             for name in CONFIGS:

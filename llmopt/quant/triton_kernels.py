@@ -681,8 +681,8 @@ class TritonInt4Kernel(RowMajorQuantKernel):
             .contiguous(),
         }
         if cutlass_gemm.int4_wanted(torch.device(device), dtype, group):  # prefill / large batches on Hopper
-            scale_g, zero_g = cutlass_gemm.group_major(buffers["scales"], buffers["zeros"], dtype)
-            buffers |= {"scales_by_group": scale_g, "zeros_by_group": zero_g}
+            copies = cutlass_gemm.group_major(buffers["scales"], buffers["zeros"], dtype)
+            buffers |= dict(zip(GROUP_MAJOR, copies, strict=True))
         return buffers
 
     def concat(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
