@@ -17,8 +17,8 @@ Part `engine`:
 
 Part `lowbit` (issue 5): the model quantized in memory (round-to-nearest; int4 group 128; head int8)
 (SCHEMES=bf16,int8,int4; suffixes turn parts off for A/B runs: "-triton" the CUDA decode kernels,
-"-sdpa" the fused decode attention, "-nocutlass" the Hopper int8 GEMM, e.g. SCHEMES=bf16,int8-nocutlass,int8)
-on the engine with llmopt's kernels. First the quantized model's own transformers forward (the
+"-sdpa" the fused decode attention, "-nocutlass" the Hopper int8/int4 GEMM, e.g.
+SCHEMES=bf16,int4-nocutlass,int4) on the engine with llmopt's kernels. First the quantized model's own transformers forward (the
 same QuantLinear kernels, unfused) against the engine (q/k/v and gate/up stacked, CUDA graphs,
 compiled), then `bench_candidate` at every batch size (BENCH=0 skips it), bf16 first as the same-run
 baseline; with BREAKDOWN=1 also each configuration's step split at BREAKDOWN_BATCHES (default 1), as
@@ -261,7 +261,7 @@ def part_baselines() -> None:
 def apply_switches(scheme: str) -> str:
     """The scheme without its suffixes, which turn parts off for A/B runs: "-triton" the CUDA decode
     kernels (Triton at every row count), "-sdpa" the fused decode attention (index_put + SDPA),
-    "-nocutlass" the Hopper int8 GEMM (Triton / dequantize + cuBLAS past decode's rows); e.g.
+    "-nocutlass" the Hopper int8/int4 GEMM (Triton / dequantize + cuBLAS past decode's rows); e.g.
     int8-triton, bf16-sdpa, int8-nocutlass."""
     base, *off = scheme.split("-")
     os.environ["LLMOPT_CUDA_GEMV"] = "0" if "triton" in off else "1"

@@ -11,8 +11,9 @@ Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv-mma   # the tensor-core decode kernel's
                                   # (BASELINE_SOURCE=old/gemv_cuda.cu: that version's dispatch, same call;
                                   # MMA_VARIANTS="-D.. -D..;-D..": build and time these -D sets instead)
-    PYTHONPATH=. python examples/gpu_lowbit_kernels.py cutlass    # the Hopper int8 GEMM: configurations,
-                                  # the chosen one, int8_matmul with and without it, bf16 cuBLAS
+    PYTHONPATH=. python examples/gpu_lowbit_kernels.py cutlass    # the Hopper int8/int4 GEMM: configurations,
+                                  # the chosen one, int8_matmul / int4_matmul with and without it, bf16
+                                  # cuBLAS (SCHEMES=int8,int4, ROWS=64,128,...)
 
 Correctness: random weights quantized with llmopt's own schemes, many shapes (odd sizes, not
 multiples of any block), bf16 and fp16 activations; outputs poisoned with NaN before each run;
@@ -123,7 +124,7 @@ def part_check() -> dict:
               (8, 1000, 4096), (2, 40, 96), (12, 333, 4096), (9, 37, 1408), (13, 4096, 14336),
               (17, 333, 768),
               (33, 4096, 1408), (128, 4096, 4096), (1000, 1536, 576),
-              # the Hopper int8 / int4 GEMM (cutlass_gemm) from 64 rows: odd row counts, N not a multiple
+              # the Hopper int8 / int4 GEMM (cutlass_gemm) from 64 / 33 rows: odd row counts, N not a multiple
               # of its tiles, K split by stream-K; N not a multiple of 8 stays on Triton
               (64, 4104, 1040), (77, 5000, 2000), (200, 6144, 4096), (257, 1000, 4096),
               (96, 28672, 4096), (513, 4096, 14336), (100, 333, 4096)]  # fmt: skip

@@ -142,6 +142,23 @@ def test_cpu_tensors_never_reach_the_library(monkeypatch):
     assert not cutlass_gemm.int4_wanted(torch.device("cpu"), torch.bfloat16, 128)
 
 
+def test_every_operand_must_be_contiguous_and_aligned_for_tma(monkeypatch):
+    """TMA reads 16-byte aligned rows: a strided view of a group-major copy (or of int8's scale) sends
+    the call to the other path instead of reaching the GEMM."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cutlass_gemm.CAPABILITY)
+    monkeypatch.setattr(cutlass_gemm, "_library", lambda device_index: object())
+    x, out = torch.randn(256, 256, dtype=torch.bfloat16), torch.empty(256, 64, dtype=torch.bfloat16)
+    packed, group = torch.zeros(64, 128, dtype=torch.uint8), 128
+    scale_g = torch.ones(2, 64, dtype=torch.bfloat16)
+    wide = torch.ones(2, 128, dtype=torch.bfloat16)
+    assert cutlass_gemm.usable_int4(x, packed, scale_g, scale_g.clone(), group, out)
+    assert not cutlass_gemm.usable_int4(x, packed, scale_g, wide[:, ::2], group, out)
+    q, scale = torch.zeros(64, 256, dtype=torch.int8), torch.ones(128, dtype=torch.bfloat16)
+    assert cutlass_gemm.usable(x, q, scale[:64], out)
+    assert not cutlass_gemm.usable(x, q, scale[::2], out)
+
+
 @pytest.fixture
 def uncached_library() -> Iterator[None]:
     cutlass_gemm._library.cache_clear()

@@ -277,10 +277,11 @@ def takes_rows(m: int, n: int, k: int, scheme: str = "int8") -> bool:
     return (SMALL_WEIGHT_MIN_ROWS[scheme] if small else MIN_ROWS[scheme]) <= m <= MAX_ROWS[scheme]
 
 
-def _runs_here(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, k: int, n: int, scheme: str) -> bool:
+def _runs_here(x: torch.Tensor, out: torch.Tensor, operands: tuple[torch.Tensor, ...], k: int, n: int,
+               scheme: str) -> bool:  # fmt: skip
     """What both schemes need of a call: a Hopper GPU; x bf16/fp16 (M, K) with M past the row rule; K a
-    multiple of 16 and N of 8 (TMA's 16-byte rows); x, the weight and out contiguous and 16-byte
-    aligned; and the library builds and passes its self-test here."""
+    multiple of 16 and N of 8 (TMA's 16-byte rows); x, out and the weight's ``operands`` (the weight,
+    its scales) contiguous and 16-byte aligned; and the library builds and passes its self-test here."""
     m = x.shape[0]
     return (
         x.is_cuda
@@ -288,7 +289,7 @@ def _runs_here(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, k: int,
         and takes_rows(m, n, k, scheme)
         and k % 16 == 0
         and n % 8 == 0
-        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x, weight, out))
+        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x, out, *operands))
         and enabled()
         and torch.cuda.get_device_capability(x.device) == CAPABILITY
         and _library(x.device.index or 0) is not None
@@ -296,14 +297,8 @@ def _runs_here(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, k: int,
 
 
 def usable(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether this int8 call runs here: as ``_runs_here``, with the scale in x's type, contiguous and
-    16-byte aligned."""
-    return (
-        scale.dtype == x.dtype
-        and scale.is_contiguous()
-        and scale.data_ptr() % 16 == 0
-        and _runs_here(x, out, q, x.shape[1], q.shape[0], "int8")
-    )
+    """Whether this int8 call runs here: as ``_runs_here``, with the scale in x's type."""
+    return scale.dtype == x.dtype and _runs_here(x, out, (q, scale), x.shape[1], q.shape[0], "int8")
 
 
 def int4_wanted(device: torch.device, dtype: torch.dtype, group: int) -> bool:
@@ -347,7 +342,7 @@ def usable_int4(
         and k % group == 0
         and scale_g.dtype == zero_g.dtype == x.dtype
         and scale_g.shape == zero_g.shape == (k // group, n)
-        and _runs_here(x, out, packed, k, n, "int4")
+        and _runs_here(x, out, (packed, scale_g, zero_g), k, n, "int4")
     )
 
 
