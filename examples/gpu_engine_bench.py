@@ -18,11 +18,12 @@ Part `engine`:
 Part `lowbit` (issue 5): the model quantized in memory (round-to-nearest; int4 group 128; head int8)
 (SCHEMES=bf16,int8,int4; suffixes turn parts off for A/B runs: "-triton" the CUDA decode kernels,
 "-sdpa" the fused decode attention, "-nocutlass" the Hopper int8/int4 GEMM, e.g.
-SCHEMES=bf16,int4-nocutlass,int4) on the engine with llmopt's kernels. First the quantized model's own transformers forward (the
-same QuantLinear kernels, unfused) against the engine (q/k/v and gate/up stacked, CUDA graphs,
-compiled), then `bench_candidate` at every batch size (BENCH=0 skips it), bf16 first as the same-run
-baseline; with BREAKDOWN=1 also each configuration's step split at BREAKDOWN_BATCHES (default 1), as
-part `engine` does for bf16 (SUSTAINED=n adds n more blocks of 50 replays of the step, back to back).
+SCHEMES=bf16,int4-nocutlass,int4) on the engine with llmopt's kernels. First the quantized model's own
+transformers forward (the same QuantLinear kernels, unfused) against the engine (q/k/v and gate/up
+stacked, CUDA graphs, compiled), then `bench_candidate` at every batch size (BENCH=0 skips it), bf16
+first as the same-run baseline; with BREAKDOWN=1 also each configuration's step split at
+BREAKDOWN_BATCHES (default 1), as part `engine` does for bf16 (SUSTAINED=n adds n more blocks of 50
+replays of the step, back to back).
 
 Part `prefill`: the engine's correctness (as part `engine`; CORRECTNESS=0 skips it), the host time
 to issue one quantized matmul against F.linear, then per scheme one prompt of each of
