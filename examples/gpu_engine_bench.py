@@ -16,14 +16,14 @@ Part `engine`:
 4. Time to first token for a 1,024-token prompt, and its FLOP rate against a large bf16 matmul's.
 
 Part `lowbit` (issue 5): the model quantized in memory (round-to-nearest; int4 group 128; head int8)
-(SCHEMES=bf16,int8,int4; suffixes turn parts off for A/B runs: "-triton" the CUDA decode kernels,
-"-sdpa" the fused decode attention, "-nocutlass" the Hopper int8/int4 GEMM, e.g.
-SCHEMES=bf16,int4-nocutlass,int4) on the engine with llmopt's kernels. First the quantized model's own
-transformers forward (the same QuantLinear kernels, unfused) against the engine (q/k/v and gate/up
-stacked, CUDA graphs, compiled), then `bench_candidate` at every batch size (BENCH=0 skips it), bf16
-first as the same-run baseline; with BREAKDOWN=1 also each configuration's step split at
-BREAKDOWN_BATCHES (default 1), as part `engine` does for bf16 (SUSTAINED=n adds n more blocks of 50
-replays of the step, back to back).
+(SCHEMES=bf16,int8,int4; suffixes turn parts off for A/B runs: "-triton" the CUDA decode kernels, "-sdpa"
+the fused decode attention, "-nocutlass" the Hopper int8/int4 GEMM, "-nofusednorm" the norms and residual
+adds folded into the decode matmuls, e.g. SCHEMES=bf16,int4-nocutlass,int4) on the engine with llmopt's
+kernels. First the quantized model's own transformers forward (the same QuantLinear kernels, unfused)
+against the engine (q/k/v and gate/up stacked, CUDA graphs, compiled), then `bench_candidate` at every
+batch size (BENCH=0 skips it), bf16 first as the same-run baseline; with BREAKDOWN=1 also each
+configuration's step split at BREAKDOWN_BATCHES (default 1), as part `engine` does for bf16 (SUSTAINED=n
+adds n more blocks of 50 replays of the step, back to back).
 
 Part `prefill`: the engine's correctness (as part `engine`; CORRECTNESS=0 skips it), the host time
 to issue one quantized matmul against F.linear, then per scheme one prompt of each of
@@ -262,12 +262,14 @@ def part_baselines() -> None:
 def apply_switches(scheme: str) -> str:
     """The scheme without its suffixes, which turn parts off for A/B runs: "-triton" the CUDA decode
     kernels (Triton at every row count), "-sdpa" the fused decode attention (index_put + SDPA),
-    "-nocutlass" the Hopper int8/int4 GEMM (Triton / dequantize + cuBLAS past decode's rows); e.g.
-    int8-triton, bf16-sdpa, int8-nocutlass."""
+    "-nocutlass" the Hopper int8/int4 GEMM (Triton / dequantize + cuBLAS past decode's rows),
+    "-nofusednorm" the norms and residual adds folded into the decode matmuls (norm_fusion); e.g.
+    int8-triton, bf16-sdpa, int8-nocutlass, int4-nofusednorm."""
     base, *off = scheme.split("-")
     os.environ["LLMOPT_CUDA_GEMV"] = "0" if "triton" in off else "1"
     os.environ["LLMOPT_TRITON_ATTENTION"] = "0" if "sdpa" in off else "1"
     os.environ["LLMOPT_CUTLASS"] = "0" if "nocutlass" in off else "1"
+    os.environ["LLMOPT_FUSED_NORM"] = "0" if "nofusednorm" in off else "1"
     return base
 
 

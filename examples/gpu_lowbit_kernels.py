@@ -179,19 +179,83 @@ def part_check() -> dict:
     # CUDA graph capture of the custom ops, as the engine does it (compiled): decode rows (the CUDA
     # kernels) and 128 rows (the Hopper int8 / int4 GEMM, stream-K workspace and all).
     graph_err = max(graph_check(m, scheme) for m in (2, 128) for scheme in ("int8", "int4"))
+    rows += fused_check()
     result = {"cases": rows, "all_ok": all(r["ok"] for r in rows), "graph_rel_err": graph_err}
     worst = max(r["rel_err"] for r in rows)
     n_cuda = sum(r["path"] == "cuda" for r in rows)
     n_cutlass = sum(r["path"] == "cutlass" for r in rows)
+    n_fused = sum(r["path"] == "cuda-fused" for r in rows)
     print(
-        f"check: {len(rows)} cases ({n_cuda} on the CUDA decode kernels, {n_cutlass} on the Hopper int8/int4 "
-        f"GEMM), all_ok={result['all_ok']}, "
+        f"check: {len(rows)} cases ({n_cuda} on the CUDA decode kernels, {n_fused} with the norm / residual "
+        f"folded in, {n_cutlass} on the Hopper int8/int4 GEMM), all_ok={result['all_ok']}, "
         f"worst rel_err {worst:.2e}, graph {graph_err:.2e}"
     )
     for r in rows:
         if not r["ok"]:
             print("FAIL", r)
     return result
+
+
+def fused_check() -> list[dict]:
+    """The norm and residual folded into the CUDA decode kernels (``cuda_gemv.fused_gemv``) against
+    ``norm_fusion``'s arithmetic in float64: a matmul after a norm (x = h * w, its sums times rstd from h's
+    partials) and one ending a residual branch (h = residual + y, then h * w and the partials of h², which
+    must equal torch's on the kernel's own h: weighted bit for bit, partials to fp32 rounding). Outputs
+    NaN-poisoned, a second run bit-identical."""
+    from llmopt.quant import norm_fusion
+
+    rows = []
+    eps = 1e-5
+    cases = [("int8", 1, 4096, 4096), ("int8", 1, 1000, 1040), ("int8", 1, 6144, 4096),
+             ("int8", 3, 333, 4096), ("int8", 16, 4096, 4096), ("int4", 1, 4096, 4096),
+             ("int4", 1, 28672, 4096), ("int4", 5, 1000, 1024), ("int4", 16, 4104, 4096),
+             ("int4", 9, 37, 1408)]  # fmt: skip
+    for (scheme, m, n, k), dtype in itertools.product(cases, (torch.bfloat16, torch.float16)):
+        group = None if scheme == "int8" else GROUP if k % GROUP == 0 else 32
+        q, s, zp, deq = make_layer(scheme, n, k, dtype, group=group)
+        shape = LayerShape(scheme, k, n, group)
+        kernel = tk.TritonInt8Kernel() if scheme == "int8" else tk.TritonInt4Kernel()
+        b = kernel.prepare(q, s, zp, shape, DEV, dtype)
+        weight = b["weight_int8" if scheme == "int8" else "weight_int4"]
+        zero = None if scheme == "int8" else b["zeros"]
+        if m > cuda_gemv.fused_max_rows(dtype, weight, k, group):
+            rows.append({"scheme": scheme, "m": m, "n": n, "k": k, "fused": False, "ok": False,
+                         "path": "none", "rel_err": float("inf")})  # fmt: skip
+            continue
+        h = torch.randn(m, k, device=DEV, dtype=dtype)
+        w_in = (1 + 0.3 * torch.randn(k, device=DEV)).to(dtype)
+        x_w, partials = norm_fusion.norm_inputs(h, w_in)
+        residual = torch.randn(m, n, device=DEV, dtype=dtype)
+        w_out = (1 + 0.3 * torch.randn(n, device=DEV)).to(dtype)
+
+        def both(x_w=x_w, partials=partials, weight=weight, zero=zero, b=b, group=group, residual=residual,
+                 w_out=w_out, m=m, n=n):  # fmt: skip
+            normed = torch.full((m, n), float("nan"), device=DEV, dtype=x_w.dtype)
+            cuda_gemv.fused_gemv(x_w, weight, b["scales"], zero, group or 0, normed, partials_in=partials,
+                                 eps=eps)  # fmt: skip
+            h_out, weighted = torch.full_like(normed, float("nan")), torch.full_like(normed, float("nan"))
+            parts_out = torch.full((m, norm_fusion.parts(n)), float("nan"), device=DEV)
+            cuda_gemv.fused_gemv(x_w, weight, b["scales"], zero, group or 0, h_out, residual=residual,
+                                 norm_weight=w_out, weighted=weighted, partials_out=parts_out)  # fmt: skip
+            return normed, h_out, weighted, parts_out
+
+        normed, h_out, weighted, parts_out = both()
+        y = x_w.double() @ deq.double().T
+        rstd = torch.rsqrt(partials.double().sum(-1, keepdim=True) / k + eps)
+        err_normed = rel_err(normed, y * rstd)
+        err_h = rel_err(h_out, residual.double() + y)
+        weighted_exact = bool(torch.equal(weighted, (h_out.float() * w_out.float()).to(dtype)))
+        parts_err = rel_err(parts_out, norm_fusion.square_partials(h_out).double())
+        again = both()
+        runs = (normed, h_out, weighted, parts_out)
+        deterministic = all(torch.equal(a, c) for a, c in zip(runs, again, strict=True))
+        ok = err_normed < 1e-2 and err_h < 1e-2 and weighted_exact and parts_err < 1e-5 and deterministic
+        rows.append({"scheme": scheme, "m": m, "n": n, "k": k, "group": group, "dtype": str(dtype),
+                     "fused": True, "path": "cuda-fused", "rel_err": max(err_normed, err_h),
+                     "rel_err_normed": err_normed, "rel_err_residual": err_h,
+                     "weighted_exact": weighted_exact, "partials_rel_err": parts_err,
+                     "deterministic": deterministic, "ok": ok})  # fmt: skip
+    return rows
 
 
 def by_group(buffers: dict) -> tuple | None:

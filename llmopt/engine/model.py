@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmopt.engine.kv_cache import KVCache
+from llmopt.quant import norm_fusion
 from llmopt.quant.linear import QuantLinear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -179,6 +180,32 @@ class Projections(nn.Module):
             return tuple(self.parts[0](x).split(self.sizes, dim=-1))
         return tuple(part(x) for part in self.parts)
 
+    def forward_normed(self, x: torch.Tensor, partials: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+        """As forward, over ``norm(h)`` given as ``norm_fusion.norm_inputs(h, w)`` (quantized parts only)."""
+        parts = [part for part in self.parts if isinstance(part, QuantLinear)]
+        assert len(parts) == len(self.parts), "only quantized projections fold a norm in"
+        if len(parts) == 1 and len(self.sizes) > 1:
+            return tuple(parts[0].forward_normed(x, partials, eps).split(self.sizes, dim=-1))
+        return tuple(part.forward_normed(x, partials, eps) for part in parts)
+
+
+def fused_norm_rows(module: nn.Module, dtype: torch.dtype, residual: bool = False) -> int:
+    """Up to how many rows ``module`` (a projection or Projections) takes a norm or residual folded in
+    (``QuantLinear.fused_norm_rows``); 0 for float layers."""
+    if isinstance(module, Projections):
+        return min(fused_norm_rows(part, dtype, residual) for part in module.parts)
+    return module.fused_norm_rows(dtype, residual) if isinstance(module, QuantLinear) else 0
+
+
+@dataclass(frozen=True)
+class FusedRows:
+    """Per projection of a layer, up to how many rows it runs with the norm / residual folded in."""
+
+    qkv: int = 0
+    o_proj: int = 0
+    gate_up: int = 0
+    down_proj: int = 0
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, hf_layer: Any, spec: ArchSpec, index: int, fused_decode: bool) -> None:
@@ -197,6 +224,18 @@ class DecoderLayer(nn.Module):
         self.q_norm = attn.q_norm.weight if spec.qk_norm else None
         self.k_norm = attn.k_norm.weight if spec.qk_norm else None
         self.scale = spec.head_dim**-0.5
+        self.fused_rows = FusedRows()
+
+    def fuse_norms(self, dtype: torch.dtype) -> None:
+        """Fold the norms and residual adds into the low-bit decode matmuls where their kernels can
+        (``norm_fusion``), unless LLMOPT_FUSED_NORM=0. Decided once, here: it looks at the weights."""
+        if norm_fusion.enabled():
+            self.fused_rows = FusedRows(
+                qkv=fused_norm_rows(self.qkv, dtype),
+                o_proj=fused_norm_rows(self.o_proj, dtype, residual=True),
+                gate_up=fused_norm_rows(self.gate_up, dtype),
+                down_proj=fused_norm_rows(self.down_proj, dtype, residual=True),
+            )
 
     def forward(
         self,
@@ -209,15 +248,19 @@ class DecoderLayer(nn.Module):
         slots: torch.Tensor,
         positions: torch.Tensor,
         attn_len: int,
-    ) -> torch.Tensor:
+        normed: norm_fusion.Fused | None = None,
+        next_norm: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, norm_fusion.Fused | None]:
         """``rope``: cos / signed sin at the rows' positions [B, T, 1, D]; ``rope_tables`` the whole
         tables, which the fused decode kernel reads itself (``rope`` is then unused). ``slot_start``
         None: the rows' slots are only known as the tensor ``slots`` (a prefill captured in a CUDA
-        graph, where the slot is an input): attention gathers their cache rows."""
+        graph, where the slot is an input): attention gathers their cache rows.
+        ``normed``: this layer's first norm of x as the previous layer's fused down_proj made it;
+        ``next_norm``: the next layer's first norm weight, given when that layer fuses it (at these
+        rows), so that this layer's down_proj makes its input. Returns the new x and that input."""
         spec = self.spec
         b, t, _ = x.shape
-        h = rms_norm(x, self.attn_norm, spec.rms_eps)
-        q, k, v = self.qkv(h)
+        q, k, v = self._normed(self.qkv, self.fused_rows.qkv, x, self.attn_norm, normed)
         q = q.view(b, t, spec.n_heads, spec.head_dim)
         k = k.view(b, t, spec.n_kv_heads, spec.head_dim)
         v = v.view(b, t, spec.n_kv_heads, spec.head_dim)
@@ -230,7 +273,7 @@ class DecoderLayer(nn.Module):
                 q, k, v, cache.keys[self.index], cache.values[self.index], slots, positions, attn_len,
                 self.window, self.scale, rope_tables[0], rope_tables[1],
             )  # fmt: skip
-            return self._mlp(x + self.o_proj(out))
+            return self._mlp(x, out, next_norm)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if t == 1 and cpu_fast_path(x) and cache.keys[self.index].dtype == torch.float32:
@@ -239,7 +282,7 @@ class DecoderLayer(nn.Module):
                 q, k, v, cache.keys[self.index], cache.values[self.index], slots, positions,
                 masks[self.window], self.scale,
             )  # fmt: skip
-            return self._mlp(x + self.o_proj(out))
+            return self._mlp(x, out, next_norm)
         # Write into the whole cache tensor at absolute slot indices: writing through a slice view
         # makes torch.compile copy the slice back (gigabytes per step at batch 32).
         k_all, v_all = cache.keys[self.index], cache.values[self.index]
@@ -263,12 +306,54 @@ class DecoderLayer(nn.Module):
             scale=self.scale,
         )
         out = out.view(b, spec.n_kv_heads, g, t, spec.head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
-        return self._mlp(x + self.o_proj(out))
+        return self._mlp(x, out, next_norm)
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(x, self.mlp_norm, self.spec.rms_eps)
-        gate, up = self.gate_up(h)
-        return x + self.down_proj(F.silu(gate) * up)
+    def _mlp(
+        self, x: torch.Tensor, attention: torch.Tensor, next_norm: torch.Tensor | None
+    ) -> tuple[torch.Tensor, norm_fusion.Fused | None]:
+        """x + o_proj(attention), then the MLP block with its residual."""
+        x, normed = self._residual(self.o_proj, self.fused_rows.o_proj, attention, x, self.mlp_norm,
+                                   self._fuses(self.fused_rows.gate_up, x))  # fmt: skip
+        gate, up = self._normed(self.gate_up, self.fused_rows.gate_up, x, self.mlp_norm, normed)
+        return self._residual(self.down_proj, self.fused_rows.down_proj, F.silu(gate) * up, x, next_norm,
+                              next_norm is not None)  # fmt: skip
+
+    @staticmethod
+    def _fuses(limit: int, x: torch.Tensor) -> bool:
+        return x.shape[0] * x.shape[1] <= limit
+
+    def _normed(
+        self,
+        proj: Projections,
+        limit: int,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        normed: norm_fusion.Fused | None,
+    ) -> tuple[torch.Tensor, ...]:
+        """proj(rms_norm(x, weight)): folded into the matmul where it takes these rows (from ``normed``
+        when the previous matmul made it), else as written."""
+        eps = self.spec.rms_eps
+        if not self._fuses(limit, x):
+            return proj(rms_norm(x, weight, eps))
+        if normed is None:
+            normed = norm_fusion.norm_inputs(x, weight)
+        return proj.forward_normed(*normed, eps)
+
+    def _residual(
+        self,
+        proj: nn.Module,
+        limit: int,
+        inputs: torch.Tensor,
+        x: torch.Tensor,
+        next_weight: torch.Tensor | None,
+        next_fused: bool,
+    ) -> tuple[torch.Tensor, norm_fusion.Fused | None]:
+        """x + proj(inputs), and the next norm's fused input if the next matmul takes it (``next_fused``)."""
+        if not self._fuses(limit, x):
+            return x + proj(inputs), None
+        assert isinstance(proj, QuantLinear)
+        h, weighted, partials = proj.forward_residual(inputs, x, next_weight if next_fused else None)
+        return h, None if weighted is None or partials is None else (weighted, partials)
 
 
 class DecoderModel(nn.Module):
@@ -284,9 +369,14 @@ class DecoderModel(nn.Module):
         inner = hf_model.model
         self.embed = inner.embed_tokens
         self.fused_decode = triton_decode_path(self.device, self.dtype)
-        self.layers = nn.ModuleList(
+        layers = [
             DecoderLayer(layer, self.spec, i, self.fused_decode) for i, layer in enumerate(inner.layers)
-        )
+        ]
+        for layer in layers:
+            layer.fuse_norms(self.dtype)
+        self.layers = nn.ModuleList(layers)
+        # Per layer, the next one's first norm weight and up to how many rows it folds it into its q/k/v.
+        self._next_norms = [(nxt.attn_norm, nxt.fused_rows.qkv) for nxt in layers[1:]] + [(None, 0)]
         self.norm = inner.norm.weight
         self.lm_head = hf_model.lm_head
         rotary = inner.rotary_emb
@@ -360,8 +450,13 @@ class DecoderModel(nn.Module):
             slots, first = slot_index.view(-1, 1), None
         else:
             slots = torch.arange(slot_start, slot_start + x.shape[0], device=x.device).unsqueeze(1)
-        for layer in self.layers:
-            x = layer(x, rope, tables, masks, cache, first, slots, positions, attn_len)
+        n_rows = tokens.numel()
+        normed: norm_fusion.Fused | None = None  # the next layer's first norm, made by a fused down_proj
+        for layer, (next_weight, next_rows) in zip(self.layers, self._next_norms, strict=True):
+            next_norm = next_weight if n_rows <= next_rows else None
+            x, normed = layer(
+                x, rope, tables, masks, cache, first, slots, positions, attn_len, normed, next_norm
+            )
         if not want_logits:
             return None
         rows = torch.arange(x.shape[0], device=x.device)

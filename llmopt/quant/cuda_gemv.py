@@ -95,12 +95,29 @@ def load(path: Path) -> ctypes.CDLL:
     return _declare(ctypes.CDLL(str(path)))
 
 
+class Fusion(ctypes.Structure):
+    """csrc/gemv_cuda.cu's ``Fusion``: the RMSNorm and residual add folded into a decode matmul
+    (``norm_fusion`` explains the scheme); null pointers leave a part out."""
+
+    _fields_ = [
+        ("partials_in", ctypes.c_void_p),
+        ("parts_in", ctypes.c_int),
+        ("eps", ctypes.c_float),
+        ("residual", ctypes.c_void_p),
+        ("norm_weight", ctypes.c_void_p),
+        ("weighted", ctypes.c_void_p),
+        ("partials_out", ctypes.c_void_p),
+    ]
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.llmopt_int8_gemv.argtypes = [ptr, i32, ptr, ptr, i32, ptr, i32, i32, i32, i64, i64, ptr]
     lib.llmopt_int4_gemv.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, i32, i32, i32, i64, i64, ptr]
     lib.llmopt_mma_gemv.argtypes = [i32, *lib.llmopt_int4_gemv.argtypes]
+    lib.llmopt_fused_gemv.argtypes = [*lib.llmopt_mma_gemv.argtypes[:-1], ctypes.POINTER(Fusion), ptr]
     lib.llmopt_int8_gemv.restype = lib.llmopt_int4_gemv.restype = lib.llmopt_mma_gemv.restype = i32
+    lib.llmopt_fused_gemv.restype = i32
     lib.llmopt_gemv_max_rows.argtypes = [i32]
     lib.llmopt_gemv_max_rows.restype = i32
     return lib
@@ -202,6 +219,77 @@ def usable(x: torch.Tensor, weight: torch.Tensor, k: int, group: int | None = No
         and enabled()
         and _library(x.device.index or 0) is not None
     )
+
+
+def _fuses(m: int, n: int, k: int, group: int | None) -> bool:
+    """The rows ``_rows_ok`` gives the CUDA kernels, on the kernels that fold a norm in (int8: one row on
+    the CUDA cores, or K a multiple of 64 for the tensor-core kernel; int4: K a multiple of 128)."""
+    if not _rows_ok(m, n, k, group):
+        return False
+    return ((m == 1 and k % 16 == 0) or k % 64 == 0) if group is None else k % 128 == 0
+
+
+def fused_max_rows(x_dtype: torch.dtype, weight: torch.Tensor, k: int, group: int | None = None) -> int:
+    """Up to how many rows ``fused_gemv`` takes this layer (from one), 0 where it does not: a bf16/fp16
+    model on CUDA, a 16-byte aligned contiguous weight, the library built here. Called when a model is
+    built (it reads the weight's address), not under torch.compile."""
+    usable_here = (
+        weight.is_cuda
+        and x_dtype in _ACTIVATION_DTYPES
+        and weight.is_contiguous()
+        and weight.data_ptr() % 16 == 0
+        and enabled()
+    )
+    if not usable_here or _library(weight.device.index or 0) is None:
+        return 0
+    rows = 0
+    while rows < MAX_ROWS and _fuses(rows + 1, weight.shape[0], k, group):
+        rows += 1
+    return rows
+
+
+def fused_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    group: int,
+    out: torch.Tensor,
+    *,
+    partials_in: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    weighted: torch.Tensor | None = None,
+    partials_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``int8_gemv`` (``zero`` None) or ``int4_gemv`` with a norm and residual folded in (``norm_fusion``):
+    the sums times each row's ``rsqrt(partials_in.sum(-1) / K + eps)``; plus ``residual``; and with
+    ``norm_weight``, ``weighted = out * norm_weight`` and the sums of out² per 8 channels into
+    ``partials_out`` (M, ceil(N / 8)) fp32. All tensors contiguous on x's device."""
+    x = _aligned(x)
+    (m, k), n = x.shape, weight.shape[0]
+    assert x.is_cuda and _fuses(m, n, k, None if zero is None else group)
+    lib = _library(x.device.index or 0)
+    assert lib is not None
+    tensors = (partials_in, residual, norm_weight, weighted, partials_out)
+    assert all(t is None or (t.is_contiguous() and t.device == x.device) for t in tensors)
+
+    def pointer(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    fusion = Fusion(
+        pointer(partials_in), 0 if partials_in is None else partials_in.shape[-1], eps,
+        pointer(residual), pointer(norm_weight), pointer(weighted), pointer(partials_out),
+    )  # fmt: skip
+    with torch.cuda.device(x.device):
+        code = lib.llmopt_fused_gemv(
+            int(zero is not None), x.data_ptr(), _DTYPE_CODES[x.dtype], weight.data_ptr(), scale.data_ptr(),
+            _DTYPE_CODES[scale.dtype], pointer(zero), out.data_ptr(), m, n, k, group, x.stride(0),
+            out.stride(0), ctypes.byref(fusion), _stream(x),
+        )  # fmt: skip
+    _check(code, "fused int4" if zero is not None else "fused int8")
+    return out
 
 
 def _check(code: int, what: str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from llmopt.errors import UnsupportedError
+from llmopt.quant import norm_fusion
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,26 @@ class QuantKernel(ABC):
         """One layer's buffers from several layers over the same input, stacked along N (how the
         engine fuses q/k/v and gate/up), or None where this kernel's layout cannot be stacked."""
         return None
+
+    # A norm and residual folded into the matmul (llmopt/quant/norm_fusion.py). The defaults do the same
+    # arithmetic around ``matmul``; a kernel that folds them in reports up to how many rows it does.
+
+    def fused_norm_rows(self, buffers: dict[str, torch.Tensor], shape: LayerShape, dtype: torch.dtype) -> int:
+        """Up to how many rows ``matmul_normed`` / ``matmul_residual`` run fused (0: never). Asked once,
+        when a model is built."""
+        return 0
+
+    def matmul_normed(self, x: torch.Tensor, buffers: dict[str, torch.Tensor], shape: LayerShape,
+                      partials: torch.Tensor, eps: float) -> torch.Tensor:  # fmt: skip
+        """x (M, K) = ``h * w`` → the matmul of ``norm(h)``, (M, N)."""
+        return norm_fusion.scale_rows(self.matmul(x, buffers, shape), partials, shape.in_features, eps)
+
+    def matmul_residual(
+        self, x: torch.Tensor, buffers: dict[str, torch.Tensor], shape: LayerShape, residual: torch.Tensor,
+        norm_weight: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """x (M, K) → ``norm_fusion.add_residual`` of the matmul: (h, h * w, partials) or (h, None, None)."""
+        return norm_fusion.add_residual(self.matmul(x, buffers, shape), residual, norm_weight)
 
 
 class RowMajorQuantKernel(QuantKernel, ABC):

@@ -27,6 +27,7 @@ class QuantLinear(nn.Module):
         for name, tensor in buffers.items():
             self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._fused_rows = 0  # fused_norm_rows' answer, once asked
 
     @classmethod
     def from_quantized(
@@ -89,6 +90,50 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+    # The norm and residual folded in (llmopt/quant/norm_fusion.py): fused by the kernel up to
+    # ``fused_norm_rows`` rows, the same arithmetic around the plain matmul past them.
+
+    def fused_norm_rows(self, dtype: torch.dtype, residual: bool = False) -> int:
+        """Up to how many rows of ``dtype`` activations this layer folds a norm in (``residual``: as the
+        matmul that ends a residual branch, which a bias would come after). Read once, when the model is
+        built, and kept: it looks at the weight's address, which torch.compile cannot."""
+        if residual and self.bias is not None:
+            self._fused_rows = 0
+        else:
+            self._fused_rows = self.kernel.fused_norm_rows(self.kernel_buffers(), self.shape, dtype)
+        return self._fused_rows
+
+    def forward_normed(self, x: torch.Tensor, partials: torch.Tensor, eps: float) -> torch.Tensor:
+        """This layer over ``norm(h)``, from ``norm_fusion.norm_inputs(h, w)``'s ``(x, partials)``."""
+        lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features)
+        y = self._matmul_normed(x2, partials, eps)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def _matmul_normed(self, x: torch.Tensor, partials: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.shape[0] <= self._fused_rows:
+            return self.kernel.matmul_normed(x, self.kernel_buffers(), self.shape, partials, eps)
+        return QuantKernel.matmul_normed(self.kernel, x, self.kernel_buffers(), self.shape, partials, eps)
+
+    def forward_residual(
+        self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``h = residual + self(x)`` and, given the next norm's weight, that norm's fused inputs:
+        ``(h, h * w, partials)`` (h and h * w shaped as residual), else ``(h, None, None)``. No bias
+        (``fused_norm_rows(residual=True)`` is 0 with one)."""
+        assert self.bias is None, "a residual-fused layer has no bias"
+        x2 = x.reshape(-1, self.in_features)
+        buffers, shape = self.kernel_buffers(), self.shape
+        if x2.shape[0] <= self._fused_rows:
+            h, weighted, partials = self.kernel.matmul_residual(x2, buffers, shape, residual, norm_weight)
+        else:
+            h, weighted, partials = QuantKernel.matmul_residual(
+                self.kernel, x2, buffers, shape, residual, norm_weight
+            )
+        h = h.view(residual.shape)
+        return h, None if weighted is None else weighted.view(residual.shape), partials
 
     def extra_repr(self) -> str:
         group = f", group_size={self.shape.group_size}" if self.shape.group_size else ""

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from llmopt.quant import cuda_gemv, cutlass_gemm
+from llmopt.quant import cuda_gemv, cutlass_gemm, norm_fusion
 from llmopt.quant.kernels import LayerShape, QuantKernel, RowMajorQuantKernel
 
 try:
@@ -645,6 +645,17 @@ class TritonInt8Kernel(RowMajorQuantKernel):
         args = (x, buffers["weight_int8"], buffers["scales"])
         return torch.ops.llmopt.int8_mm(*args) if torch.compiler.is_compiling() else int8_matmul(*args)
 
+    def fused_norm_rows(self, buffers, shape, dtype):
+        return cuda_gemv.fused_max_rows(dtype, buffers["weight_int8"], shape.in_features)
+
+    def matmul_normed(self, x, buffers, shape, partials, eps):
+        args = (buffers["weight_int8"], buffers["scales"], None, 0)
+        return norm_fusion.cuda_normed_matmul(x, *args, partials, eps)
+
+    def matmul_residual(self, x, buffers, shape, residual, norm_weight):
+        args = (buffers["weight_int8"], buffers["scales"], None, 0)
+        return norm_fusion.cuda_residual_matmul(x, *args, residual, norm_weight)
+
 
 GROUP_MAJOR = ("scales_by_group", "zeros_by_group")  # TritonInt4Kernel's buffers for cutlass_gemm.int4_gemm
 
@@ -696,6 +707,19 @@ class TritonInt4Kernel(RowMajorQuantKernel):
         if torch.compiler.is_compiling():
             return torch.ops.llmopt.int4_mm(*args, *(by_group or (None, None)))
         return int4_matmul(*args, group_major=by_group)
+
+    def fused_norm_rows(self, buffers, shape, dtype):
+        return cuda_gemv.fused_max_rows(dtype, buffers["weight_int4"], shape.in_features, shape.group_size)
+
+    def _fused_args(self, buffers, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        assert shape.group_size is not None
+        return buffers["weight_int4"], buffers["scales"], buffers["zeros"], shape.group_size
+
+    def matmul_normed(self, x, buffers, shape, partials, eps):
+        return norm_fusion.cuda_normed_matmul(x, *self._fused_args(buffers, shape), partials, eps)
+
+    def matmul_residual(self, x, buffers, shape, residual, norm_weight):
+        return norm_fusion.cuda_residual_matmul(x, *self._fused_args(buffers, shape), residual, norm_weight)
 
 
 def available() -> list[QuantKernel]:

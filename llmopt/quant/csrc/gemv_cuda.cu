@@ -36,6 +36,18 @@
 
 #include <type_traits>
 
+// What llmopt_fused_gemv folds into the matmul (see "RMSNorm and the residual add" below). Outside the
+// anonymous namespace: the extern "C" entry takes it, and must keep external linkage.
+struct Fusion {
+  const float* partials_in;  // [m, parts_in]: sums of h^2 of x's rows, per 8 channels; null: no norm
+  int parts_in;
+  float eps;
+  const void* residual;     // [m, n], ld n, x's type: added to the outputs; null: none
+  const void* norm_weight;  // [n]: with residual, also write weighted = h * w and partials_out
+  void* weighted;           // [m, n], ld n
+  float* partials_out;      // [m, ceil(n / 8)]
+};
+
 namespace {
 
 constexpr int kThreads = 128;
@@ -49,6 +61,10 @@ __device__ __forceinline__ uint4 load_stream(const void* ptr) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(ptr));
   return v;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
 }
 
 __device__ __forceinline__ float load_scalar(const void* ptr, int64_t index, int dtype) {
@@ -82,6 +98,11 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half(v);
 }
+
+// A 16-bit or 32-bit float as float, by its type (float, bf16 or fp16).
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 // int8 byte i of `u` (already XOR 0x80) as the float 2^23 + byte.
 __device__ __forceinline__ float int8_magic(uint32_t u, int i) {
@@ -136,6 +157,57 @@ struct Team {
   static constexpr int kThreadsPerTeam = KSPLIT * 32;
 };
 
+// ---- RMSNorm and the residual add folded into the decode kernels (llmopt_fused_gemv) ----
+// A decoder layer computes h += o_proj(attention(norm(h))), then h += down(mlp(norm(h))), with
+// norm(h) = h * rsqrt(mean(h^2) + eps) * w. Standalone, each add + norm is a small kernel between two of
+// these matmuls; here it is spread over them, so it costs no launch:
+//   - the matmul that ends a residual branch (o_proj, down) adds the residual to its outputs (rounded to
+//     the activation type first, as `h + o_proj(x)` does), writes h, writes h * w (w: the next norm's
+//     weight) as the next matmul's input, and the sum of h^2 over each PARTIAL_CHANNELS consecutive
+//     channels (fp32, in a fixed order) into partials_out [rows, ceil(n / 8)];
+//   - the matmul after the norm (q/k/v, gate/up) reads h * w as x, sums the partials of its rows while its
+//     first weight loads are in flight, and multiplies its fp32 sums by rsqrt(sum / k + eps):
+//     W (h * w) * rsqrt(...) is the norm's output through the matmul, rounded once less.
+// Every sum runs in a fixed order, so the result is the same on every run.
+constexpr int kPartialChannels = 8;
+
+// Each warp's sums of partials_in per row (lane 0 of each warp writes sums[warp][m]).
+template <int THREADS>
+__device__ __forceinline__ void partial_row_sums(const Fusion& f, int m_rows, float (*sums)[16]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int m = 0; m < m_rows; ++m) {
+    float s = 0.0f;
+    for (int p = threadIdx.x; p < f.parts_in; p += THREADS) s += f.partials_in[(int64_t)m * f.parts_in + p];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, offset);
+    if (lane == 0) sums[warp][m] = s;
+  }
+}
+
+// rsqrt(mean(h^2) + eps) of row m from the warps' sums (after a __syncthreads), in warp order.
+template <int WARPS>
+__device__ __forceinline__ float row_rstd(const float (*sums)[16], int m, int k, float eps) {
+  float s = 0.0f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) s += sums[w][m];
+  return rsqrtf(s / (float)k + eps);
+}
+
+// The fused output of channel `row` of x row `col`: the sum (already scaled) times the row's rstd, plus
+// the residual; h * w written too. Returns h^2 for the partials (0 when no norm follows).
+template <typename T>
+__device__ __forceinline__ float fused_store(const Fusion& f, float value, int row, int col, int n, T* out,
+                                             int64_t ldo) {
+  T y = from_float<T>(value);
+  const int64_t at = (int64_t)col * n + row;
+  if (f.residual != nullptr) y = from_float<T>(to_float(y) + to_float(static_cast<const T*>(f.residual)[at]));
+  out[col * ldo + row] = y;
+  if (f.norm_weight == nullptr) return 0.0f;
+  const float h = to_float(y);
+  static_cast<T*>(f.weighted)[at] = from_float<T>(h * to_float(static_cast<const T*>(f.norm_weight)[row]));
+  return h * h;
+}
+
 // x[m, k0 .. k0+7] as four words of packed 16-bit pairs (zeros past the row count).
 template <typename T, int M>
 __device__ __forceinline__ void load_x8(const T* x, int64_t ldx, int m_rows, int k0, uint4 (&dst)[M]) {
@@ -149,16 +221,28 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
-template <typename T, int R, int M, int U, int KSPLIT>
+// kFused (llmopt_fused_gemv): one row, and a block is one team of 8 channels (one partial of the norm).
+template <typename T, int R, int M, int U, int KSPLIT, bool kFused = false>
 __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(const T* __restrict__ x, const int8_t* __restrict__ w,
                                                              const void* __restrict__ scale, int scale_dtype,
                                                              T* __restrict__ out, int m_rows, int n, int k, int64_t ldx,
-                                                             int64_t ldo) {
+                                                             int64_t ldo, Fusion fusion = {}) {
+  static_assert(!kFused || (M == 1 && R == kPartialChannels && KSPLIT == kWarps), "fused: one row, 8 channels");
   __shared__ float partial[kWarps][R * M];
+  __shared__ float norm_sums[kFused ? kWarps : 1][16];
   const Team<R, KSPLIT> team;
   constexpr int kStride = Team<R, KSPLIT>::kThreadsPerTeam;
   const int chunks = k / 16;
   float acc[R][M] = {};
+  if constexpr (kFused) {  // the norm's partials, while the first weight chunks come into L2
+    if (team.t < chunks) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (team.n0 + r < n) prefetch_l2(w + (int64_t)(team.n0 + r) * k + team.t * 16);
+      }
+    }
+    if (fusion.partials_in != nullptr) partial_row_sums<kThreads>(fusion, m_rows, norm_sums);
+  }
   for (int base = team.t; base < chunks; base += kStride * U) {
     uint4 wv[U][R];
 #pragma unroll
@@ -197,7 +281,21 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(const T* __restrict
   }
   const float total = team_sum<R, M, KSPLIT>(acc, partial);
   const int lane = threadIdx.x & 31, r = lane / M, m = lane % M;
-  if (team.writer && lane < R * M && m < m_rows && team.n0 + r < n) {
+  if constexpr (kFused) {
+    __syncthreads();  // norm_sums
+    if (!team.writer) return;
+    float squares = 0.0f;
+    if (lane < R && team.n0 + r < n) {
+      float value = total * load_scalar(scale, team.n0 + r, scale_dtype);
+      if (fusion.partials_in != nullptr) value *= row_rstd<kWarps>(norm_sums, 0, k, fusion.eps);
+      squares = fused_store<T>(fusion, value, team.n0 + r, 0, n, out, ldo);
+    }
+    if (fusion.norm_weight != nullptr) {
+#pragma unroll
+      for (int offset = 1; offset < R; offset <<= 1) squares += __shfl_xor_sync(0xFFFFFFFFu, squares, offset);
+      if (lane == 0) fusion.partials_out[blockIdx.x] = squares;
+    }
+  } else if (team.writer && lane < R * M && m < m_rows && team.n0 + r < n) {
     out[m * ldo + team.n0 + r] = from_float<T>(total * load_scalar(scale, team.n0 + r, scale_dtype));
   }
 }
@@ -382,11 +480,6 @@ __device__ __forceinline__ uint2 x_operand(const void* row, int i) {
 // rounding, as the Triton kernels do).
 enum MmaMode : int { kInt8 = 0, kInt4ScaleSums = 1, kInt4ScaleWeights = 2 };
 
-// A scale as float, by its type (float, bf16 or fp16).
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
 // Where a thread's int4 scales and zero points are: its two channels' rows of them (S: the scales' type).
 template <typename S>
 struct GroupRows {
@@ -473,10 +566,12 @@ __device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, unsi
 
 // Sum the warps' tiles in warp order and write the block's 16 channels x m_rows outputs (int8: times
 // the channel's scale).
-template <typename T, int kMode, int NT, int WARPS>
+// kFused: with `fusion`'s norm and residual (rstd from norm_sums; a block's 16 channels are two partials).
+template <typename T, int kMode, int NT, int WARPS, bool kFused>
 __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)[32][NT * 4], int row_a, int row_b,
-                                           int n, int m_rows, const void* __restrict__ scale, int scale_dtype,
-                                           T* __restrict__ out, int64_t ldo) {
+                                           int n, int m_rows, int k, const void* __restrict__ scale, int scale_dtype,
+                                           T* __restrict__ out, int64_t ldo, const Fusion& fusion,
+                                           const float (*norm_sums)[16]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tig = lane & 3;
   if constexpr (WARPS > 1) {
 #pragma unroll
@@ -484,7 +579,7 @@ __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)
 #pragma unroll
       for (int i = 0; i < 4; ++i) partial[warp][lane][t * 4 + i] = acc[t][i];
     }
-    __syncthreads();
+    __syncthreads();  // (also norm_sums)
     if (warp != 0) return;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -501,25 +596,57 @@ __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)
     s_a = row_a < n ? load_scalar(scale, row_a, scale_dtype) : 0.0f;
     s_b = row_b < n ? load_scalar(scale, row_b, scale_dtype) : 0.0f;
   }
+  if constexpr (kFused) {
+    static_assert(WARPS > 1, "norm_sums are read after the warps' __syncthreads");
+    float squares[NT][4] = {};
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
+    for (int t = 0; t < NT; ++t) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {  // acc[t][i]: channel g (+ 8 for i >= 2), x row 8t + 2tig + (i & 1)
-      const int row = i < 2 ? row_a : row_b, col = t * 8 + 2 * tig + (i & 1);
-      if (row < n && col < m_rows) out[col * ldo + row] = from_float<T>(acc[t][i] * (i < 2 ? s_a : s_b));
+      for (int i = 0; i < 4; ++i) {
+        const int row = i < 2 ? row_a : row_b, col = t * 8 + 2 * tig + (i & 1);
+        if (row >= n || col >= m_rows) continue;
+        float value = acc[t][i] * (i < 2 ? s_a : s_b);
+        if (fusion.partials_in != nullptr) value *= row_rstd<WARPS>(norm_sums, col, k, fusion.eps);
+        squares[t][i] = fused_store<T>(fusion, value, row, col, n, out, ldo);
+      }
+    }
+    if (fusion.norm_weight == nullptr) return;
+    // Per x row: the sum over the 8 lanes of one tig (channels g = 0..7), for row_a's and row_b's channels.
+    const int parts = (n + kPartialChannels - 1) / kPartialChannels;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int offset = 4; offset < 32; offset <<= 1) {
+          squares[t][i] += __shfl_xor_sync(0xFFFFFFFFu, squares[t][i], offset);
+        }
+        const int col = t * 8 + 2 * tig + (i & 1), part = 2 * blockIdx.x + (i >= 2);
+        if (lane < 4 && col < m_rows && part < parts) fusion.partials_out[(int64_t)col * parts + part] = squares[t][i];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // acc[t][i]: channel g (+ 8 for i >= 2), x row 8t + 2tig + (i & 1)
+        const int row = i < 2 ? row_a : row_b, col = t * 8 + 2 * tig + (i & 1);
+        if (row < n && col < m_rows) out[col * ldo + row] = from_float<T>(acc[t][i] * (i < 2 ? s_a : s_b));
+      }
     }
   }
 }
 
 // Weights read straight into registers: each thread loads its fragments' 16-byte pieces (16 rows x 64
 // bytes per warp load) of U chunks, and the next U chunks' before working on these.
-template <typename T, typename S, int kMode, int NT, int WARPS, int U>
+template <typename T, typename S, int kMode, int NT, int WARPS, int U, bool kFused = false>
 __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
                                                             const void* __restrict__ scale, int scale_dtype,
                                                             const uint8_t* __restrict__ zero, T* __restrict__ out,
                                                             int m_rows, int n, int k, int group_shift, int64_t ldx,
-                                                            int64_t ldo) {
+                                                            int64_t ldo, Fusion fusion = {}) {
   __shared__ float partial[WARPS > 1 ? WARPS : 1][32][NT * 4];
+  __shared__ float norm_sums[kFused ? WARPS : 1][16];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
   const int row_a = blockIdx.x * 16 + g, row_b = row_a + 8;
   const bool ok_a = row_a < n, ok_b = row_b < n;
@@ -542,6 +669,9 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
     next_a[u] = load_stream(base_a + chunk * 64);
     next_b[u] = load_stream(base_b + chunk * 64);
   }
+  if constexpr (kFused) {  // the norm's partials, while the first weight loads are in flight
+    if (fusion.partials_in != nullptr) partial_row_sums<WARPS * 32>(fusion, m_rows, norm_sums);
+  }
   for (int first = warp; first < chunks; first += WARPS * U) {
     uint4 wa[U], wb[U];
 #pragma unroll
@@ -559,16 +689,26 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
       mma_chunk<T, S, kMode, NT>(wa[u], wb[u], chunk * 64 + 16 * tig, group_shift, rows, x_row, acc);
     }
   }
-  mma_finish<T, kMode, NT, WARPS>(acc, partial, row_a, row_b, n, m_rows, scale, scale_dtype, out, ldo);
+  mma_finish<T, kMode, NT, WARPS, kFused>(acc, partial, row_a, row_b, n, m_rows, k, scale, scale_dtype, out, ldo,
+                                          fusion, norm_sums);
 }
 
 template <typename T, typename S, int kMode, int NT, int WARPS, int U>
 cudaError_t launch_mma_shape(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero,
-                             void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
+                             void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream,
+                             const Fusion* fusion) {
   const dim3 grid((n + 15) / 16);
-  mma_gemv_kernel<T, S, kMode, NT, WARPS, U><<<grid, WARPS * 32, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const uint8_t*>(w), scale, scale_dtype, static_cast<const uint8_t*>(zero),
-      static_cast<T*>(out), m, n, k, group > 0 ? __builtin_ctz(group) : 0, ldx, ldo);
+  const int shift = group > 0 ? __builtin_ctz(group) : 0;
+  const auto* xt = static_cast<const T*>(x);
+  const auto* wt = static_cast<const uint8_t*>(w);
+  const auto* zt = static_cast<const uint8_t*>(zero);
+  if (fusion != nullptr) {
+    mma_gemv_kernel<T, S, kMode, NT, WARPS, U, true><<<grid, WARPS * 32, 0, stream>>>(
+        xt, wt, scale, scale_dtype, zt, static_cast<T*>(out), m, n, k, shift, ldx, ldo, *fusion);
+  } else {
+    mma_gemv_kernel<T, S, kMode, NT, WARPS, U><<<grid, WARPS * 32, 0, stream>>>(
+        xt, wt, scale, scale_dtype, zt, static_cast<T*>(out), m, n, k, shift, ldx, ldo);
+  }
   return cudaGetLastError();
 }
 
@@ -580,7 +720,8 @@ cudaError_t launch_mma_shape(const void* x, const void* w, const void* scale, in
 // shape (sweeps).
 template <typename T, typename S, int kMode, int NT>
 cudaError_t launch_mma_mode(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero,
-                            void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
+                            void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream,
+                            const Fusion* fusion) {
 #if defined(MMA_WARPS) || defined(MMA_UNROLL)
 #ifndef MMA_WARPS
 #define MMA_WARPS 8
@@ -589,29 +730,32 @@ cudaError_t launch_mma_mode(const void* x, const void* w, const void* scale, int
 #define MMA_UNROLL 1
 #endif
   return launch_mma_shape<T, S, kMode, NT, MMA_WARPS, MMA_UNROLL>(x, w, scale, scale_dtype, zero, out, m, n, k, group,
-                                                                   ldx, ldo, stream);
+                                                                   ldx, ldo, stream, fusion);
 #else
   const bool narrow = n <= 4096;
   if constexpr (NT == 1 || kMode == kInt8) {
     return narrow ? launch_mma_shape<T, S, kMode, NT, 16, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx,
-                                                            ldo, stream)
+                                                            ldo, stream, fusion)
                   : launch_mma_shape<T, S, kMode, NT, 8, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx,
-                                                           ldo, stream);
+                                                           ldo, stream, fusion);
   } else {
     return narrow ? launch_mma_shape<T, S, kMode, NT, 8, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx,
-                                                           ldo, stream)
+                                                           ldo, stream, fusion)
                   : launch_mma_shape<T, S, kMode, NT, 4, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx,
-                                                           ldo, stream);
+                                                           ldo, stream, fusion);
   }
 #endif
 }
 
 template <typename T, bool kInt4>
 cudaError_t launch_mma(const void* x, const void* w, const void* scale, int scale_dtype, const void* zero, void* out,
-                       int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
+                       int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream,
+                       const Fusion* fusion = nullptr) {
   auto go = [&]<typename S, int kMode>() {
-    return m <= 8 ? launch_mma_mode<T, S, kMode, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream)
-                  : launch_mma_mode<T, S, kMode, 2>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream);
+    return m <= 8 ? launch_mma_mode<T, S, kMode, 1>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream,
+                                                    fusion)
+                  : launch_mma_mode<T, S, kMode, 2>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, stream,
+                                                    fusion);
   };
   // int8's per-channel scale is read once per output (any type, at run time); int4's per group, typed.
   if constexpr (!kInt4) return go.template operator()<float, kInt8>();
@@ -671,6 +815,25 @@ cudaError_t launch_int8(const void* x, const void* w, const void* scale, int sca
       static_cast<const T*>(x), static_cast<const int8_t*>(w), scale, scale_dtype, static_cast<T*>(out), m, n, k, ldx,
       ldo);
   return cudaGetLastError();
+}
+
+// int8's one-row CUDA-core kernel with a fused norm / residual: its default work shape (one team of 8 channels
+// per block) is one partial of the norm. Where a sweep changed the shape, the tensor-core kernel takes the call.
+constexpr bool kInt8CoreFuses = Int8Shape<1>::R == kPartialChannels && Int8Shape<1>::KSPLIT == kWarps;
+
+template <typename T>
+cudaError_t launch_int8_fused(const void* x, const void* w, const void* scale, int scale_dtype, void* out, int n, int k,
+                              int64_t ldx, int64_t ldo, cudaStream_t stream, const Fusion& fusion) {
+  if constexpr (kInt8CoreFuses) {
+    using S = Int8Shape<1>;
+    const dim3 grid((n + S::kRowsPerBlock - 1) / S::kRowsPerBlock);
+    int8_gemv_kernel<T, S::R, 1, S::U, S::KSPLIT, true><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const int8_t*>(w), scale, scale_dtype, static_cast<T*>(out), 1, n, k,
+        ldx, ldo, fusion);
+    return cudaGetLastError();
+  } else {
+    return cudaErrorInvalidValue;
+  }
 }
 
 template <typename T, int M>
@@ -757,6 +920,37 @@ int llmopt_int4_gemv(const void* x, int x_dtype, const void* packed, const void*
                              static_cast<cudaStream_t>(stream));
   };
   return dispatch(x_dtype, m, launch);
+}
+
+// llmopt_int8_gemv (int4 = 0) or llmopt_int4_gemv (int4 = 1) with the norm and residual of `fusion` folded in
+// (see Fusion): int8 at one row on the CUDA cores (K a multiple of 16), else on the tensor cores (1-16 rows, K a
+// multiple of 64 for int8, 128 for int4); outputs contiguous (ldo = n) when a residual or norm is given.
+int llmopt_fused_gemv(int int4, const void* x, int x_dtype, const void* w, const void* scale, int scale_dtype,
+                      const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
+                      const Fusion* fusion, void* stream) {
+  if (fusion == nullptr || m < 1 || m > kMaxMmaRows) return cudaErrorInvalidValue;
+  if (int4 && (!int4_group_ok(group, k) || k % 128 != 0)) return cudaErrorInvalidValue;
+  if (fusion->partials_in != nullptr && fusion->parts_in < 1) return cudaErrorInvalidValue;
+  if (fusion->norm_weight != nullptr && (fusion->residual == nullptr || fusion->weighted == nullptr ||
+                                         fusion->partials_out == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if ((fusion->residual != nullptr || fusion->norm_weight != nullptr) && ldo != n) return cudaErrorInvalidValue;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool core = !int4 && m == 1 && kInt8CoreFuses && (INT8_MMA_FROM > 1 || k % 64 != 0);
+  if (core && k % 16 != 0) return cudaErrorInvalidValue;
+  if (!int4 && !core && k % 64 != 0) return cudaErrorInvalidValue;
+  if (x_dtype == kBFloat16) {
+    if (core) return launch_int8_fused<__nv_bfloat16>(x, w, scale, scale_dtype, out, n, k, ldx, ldo, s, *fusion);
+    return int4 ? launch_mma<__nv_bfloat16, true>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s, fusion)
+                : launch_mma<__nv_bfloat16, false>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s, fusion);
+  }
+  if (x_dtype == kFloat16) {
+    if (core) return launch_int8_fused<__half>(x, w, scale, scale_dtype, out, n, k, ldx, ldo, s, *fusion);
+    return int4 ? launch_mma<__half, true>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s, fusion)
+                : launch_mma<__half, false>(x, w, scale, scale_dtype, zero, out, m, n, k, group, ldx, ldo, s, fusion);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // extern "C"
