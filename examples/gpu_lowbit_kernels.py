@@ -199,9 +199,9 @@ def part_check() -> dict:
 def fused_check() -> list[dict]:
     """The norm and residual folded into the CUDA decode kernels (``cuda_gemv.fused_gemv``) against
     ``norm_fusion``'s arithmetic in float64: a matmul after a norm (x = h * w, its sums times rstd from h's
-    partials) and one ending a residual branch (h = residual + y, then h * w and the partials of h², which
-    must equal torch's on the kernel's own h: weighted bit for bit, partials to fp32 rounding). Outputs
-    NaN-poisoned, a second run bit-identical."""
+    sum of squares) and one ending a residual branch (h = residual + y, then h * w, equal to torch's on the
+    kernel's own h bit for bit, and h's row sums of squares, to fp32 rounding; the ticket counter back at
+    zero). Outputs NaN-poisoned, a second run bit-identical (a different block finishes last)."""
     from llmopt.quant import norm_fusion
 
     rows = []
@@ -210,6 +210,7 @@ def fused_check() -> list[dict]:
              ("int8", 3, 333, 4096), ("int8", 16, 4096, 4096), ("int4", 1, 4096, 4096),
              ("int4", 1, 28672, 4096), ("int4", 5, 1000, 1024), ("int4", 16, 4104, 4096),
              ("int4", 9, 37, 1408)]  # fmt: skip
+    counter = norm_fusion.new_counter(DEV)
     for (scheme, m, n, k), dtype in itertools.product(cases, (torch.bfloat16, torch.float16)):
         group = None if scheme == "int8" else GROUP if k % GROUP == 0 else 32
         q, s, zp, deq = make_layer(scheme, n, k, dtype, group=group)
@@ -224,37 +225,40 @@ def fused_check() -> list[dict]:
             continue
         h = torch.randn(m, k, device=DEV, dtype=dtype)
         w_in = (1 + 0.3 * torch.randn(k, device=DEV)).to(dtype)
-        x_w, partials = norm_fusion.norm_inputs(h, w_in)
+        x_w, sumsq = norm_fusion.norm_inputs(h, w_in)
         residual = torch.randn(m, n, device=DEV, dtype=dtype)
         w_out = (1 + 0.3 * torch.randn(n, device=DEV)).to(dtype)
 
-        def both(x_w=x_w, partials=partials, weight=weight, zero=zero, b=b, group=group, residual=residual,
+        def both(x_w=x_w, sumsq=sumsq, weight=weight, zero=zero, b=b, group=group, residual=residual,
                  w_out=w_out, m=m, n=n):  # fmt: skip
             normed = torch.full((m, n), float("nan"), device=DEV, dtype=x_w.dtype)
-            cuda_gemv.fused_gemv(x_w, weight, b["scales"], zero, group or 0, normed, partials_in=partials,
+            cuda_gemv.fused_gemv(x_w, weight, b["scales"], zero, group or 0, normed, sumsq_in=sumsq,
                                  eps=eps)  # fmt: skip
             h_out, weighted = torch.full_like(normed, float("nan")), torch.full_like(normed, float("nan"))
-            parts_out = torch.full((m, norm_fusion.parts(n)), float("nan"), device=DEV)
+            sumsq_out = torch.full((m,), float("nan"), device=DEV)
             cuda_gemv.fused_gemv(x_w, weight, b["scales"], zero, group or 0, h_out, residual=residual,
-                                 norm_weight=w_out, weighted=weighted, partials_out=parts_out)  # fmt: skip
-            return normed, h_out, weighted, parts_out
+                                 norm_weight=w_out, weighted=weighted, sumsq_out=sumsq_out,
+                                 counter=counter)  # fmt: skip
+            return normed, h_out, weighted, sumsq_out
 
-        normed, h_out, weighted, parts_out = both()
+        normed, h_out, weighted, sumsq_out = both()
         y = x_w.double() @ deq.double().T
-        rstd = torch.rsqrt(partials.double().sum(-1, keepdim=True) / k + eps)
+        rstd = torch.rsqrt(sumsq.double()[:, None] / k + eps)
         err_normed = rel_err(normed, y * rstd)
         err_h = rel_err(h_out, residual.double() + y)
         weighted_exact = bool(torch.equal(weighted, (h_out.float() * w_out.float()).to(dtype)))
-        parts_err = rel_err(parts_out, norm_fusion.square_partials(h_out).double())
+        sumsq_err = rel_err(sumsq_out, h_out.double().square().sum(-1))
         again = both()
-        runs = (normed, h_out, weighted, parts_out)
+        runs = (normed, h_out, weighted, sumsq_out)
         deterministic = all(torch.equal(a, c) for a, c in zip(runs, again, strict=True))
-        ok = err_normed < 1e-2 and err_h < 1e-2 and weighted_exact and parts_err < 1e-5 and deterministic
+        counter_zero = counter.item() == 0
+        ok = (err_normed < 1e-2 and err_h < 1e-2 and weighted_exact and sumsq_err < 1e-5 and deterministic
+              and counter_zero)  # fmt: skip
         rows.append({"scheme": scheme, "m": m, "n": n, "k": k, "group": group, "dtype": str(dtype),
                      "fused": True, "path": "cuda-fused", "rel_err": max(err_normed, err_h),
                      "rel_err_normed": err_normed, "rel_err_residual": err_h,
-                     "weighted_exact": weighted_exact, "partials_rel_err": parts_err,
-                     "deterministic": deterministic, "ok": ok})  # fmt: skip
+                     "weighted_exact": weighted_exact, "sumsq_rel_err": sumsq_err,
+                     "deterministic": deterministic, "counter_zero": counter_zero, "ok": ok})  # fmt: skip
     return rows
 
 

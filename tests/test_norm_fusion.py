@@ -22,17 +22,15 @@ from llmopt.quant.schemes import QuantSpec
 from tests.test_engine_logits import CONFIGS, random_model
 
 
-def test_partials_and_rstd_reproduce_rms_norm_through_a_matmul():
+def test_sums_of_squares_and_rstd_reproduce_rms_norm_through_a_matmul():
     gen = torch.Generator().manual_seed(0)
-    h = torch.randn(3, 20, generator=gen, dtype=torch.float64)  # 20: not a multiple of the 8-channel partials
+    h = torch.randn(3, 20, generator=gen, dtype=torch.float64)
     w = 1 + 0.3 * torch.randn(20, generator=gen, dtype=torch.float64)
     weight = torch.randn(7, 20, generator=gen, dtype=torch.float64)
-    weighted, partials = norm_fusion.norm_inputs(h, w)
-    assert partials.shape == (3, 3) and partials.dtype == torch.float32
-    assert torch.allclose(partials.sum(-1).double(), h.square().sum(-1), rtol=1e-6)
-    last = h[:, 16:].square().sum(-1)  # the short last part
-    assert torch.allclose(partials[:, 2].double(), last, rtol=1e-6)
-    got = norm_fusion.scale_rows(weighted @ weight.T, partials, 20, 1e-5)
+    weighted, sumsq = norm_fusion.norm_inputs(h, w)
+    assert sumsq.shape == (3,) and sumsq.dtype == torch.float32
+    assert torch.allclose(sumsq.double(), h.square().sum(-1), rtol=1e-6)
+    got = norm_fusion.scale_rows(weighted @ weight.T, sumsq, 20, 1e-5)
     want = rms_norm(h, w, 1e-5) @ weight.T
     assert (got - want).abs().max().item() < 1e-6
 
@@ -41,10 +39,10 @@ def test_add_residual_returns_the_next_norms_inputs():
     gen = torch.Generator().manual_seed(1)
     y, residual = torch.randn(2, 16, generator=gen), torch.randn(2, 16, generator=gen)
     w = torch.rand(16, generator=gen)
-    h, weighted, partials = norm_fusion.add_residual(y, residual, w)
+    h, weighted, sumsq = norm_fusion.add_residual(y, residual, w)
     assert torch.equal(h, residual + y)
-    assert weighted is not None and partials is not None
-    assert torch.equal(weighted, h * w) and partials.shape == (2, 2)
+    assert weighted is not None and sumsq is not None
+    assert torch.equal(weighted, h * w) and torch.allclose(sumsq, h.square().sum(-1))
     assert norm_fusion.add_residual(y, residual, None)[1:] == (None, None)
 
 
@@ -78,6 +76,9 @@ def test_fused_norms_give_the_unfused_models_logits(monkeypatch, name: str, sche
     biased = name != "llama-tied-mha"
     expected = FusedRows(qkv=4, o_proj=0 if biased else 4, gate_up=4, down_proj=0 if biased else 4)
     assert all(layer.fused_rows == expected for layer in fused.layers)
+    counters = [name for name, _ in fused.named_buffers() if name.endswith("fusion_counter")]
+    assert len(counters) == (0 if biased else 2 * len(fused.layers))  # one per residual matmul that fuses
+    assert "fusion_counter" not in str(list(fused.state_dict()))  # a workspace, not the model's state
     calls = {"starts": 0, "residual": 0}  # norms started from h by the model; residual matmuls
     real_inputs, real_residual = norm_fusion.norm_inputs, norm_fusion.add_residual
     inside_residual = False

@@ -180,13 +180,13 @@ class Projections(nn.Module):
             return tuple(self.parts[0](x).split(self.sizes, dim=-1))
         return tuple(part(x) for part in self.parts)
 
-    def forward_normed(self, x: torch.Tensor, partials: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+    def forward_normed(self, x: torch.Tensor, sumsq: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
         """As forward, over ``norm(h)`` given as ``norm_fusion.norm_inputs(h, w)`` (quantized parts only)."""
         parts = [part for part in self.parts if isinstance(part, QuantLinear)]
         assert len(parts) == len(self.parts), "only quantized projections fold a norm in"
         if len(parts) == 1 and len(self.sizes) > 1:
-            return tuple(parts[0].forward_normed(x, partials, eps).split(self.sizes, dim=-1))
-        return tuple(part.forward_normed(x, partials, eps) for part in parts)
+            return tuple(parts[0].forward_normed(x, sumsq, eps).split(self.sizes, dim=-1))
+        return tuple(part.forward_normed(x, sumsq, eps) for part in parts)
 
 
 def fused_norm_rows(module: nn.Module, dtype: torch.dtype, residual: bool = False) -> int:
@@ -352,8 +352,8 @@ class DecoderLayer(nn.Module):
         if not self._fuses(limit, x):
             return x + proj(inputs), None
         assert isinstance(proj, QuantLinear)
-        h, weighted, partials = proj.forward_residual(inputs, x, next_weight if next_fused else None)
-        return h, None if weighted is None or partials is None else (weighted, partials)
+        h, weighted, sumsq = proj.forward_residual(inputs, x, next_weight if next_fused else None)
+        return h, None if weighted is None or sumsq is None else (weighted, sumsq)
 
 
 class DecoderModel(nn.Module):

@@ -100,14 +100,18 @@ class Fusion(ctypes.Structure):
     (``norm_fusion`` explains the scheme); null pointers leave a part out."""
 
     _fields_ = [
-        ("partials_in", ctypes.c_void_p),
-        ("parts_in", ctypes.c_int),
+        ("sumsq_in", ctypes.c_void_p),
         ("eps", ctypes.c_float),
         ("residual", ctypes.c_void_p),
         ("norm_weight", ctypes.c_void_p),
         ("weighted", ctypes.c_void_p),
-        ("partials_out", ctypes.c_void_p),
+        ("partials", ctypes.c_void_p),
+        ("sumsq_out", ctypes.c_void_p),
+        ("counter", ctypes.c_void_p),
     ]
+
+
+PARTIAL_CHANNELS = 8  # csrc/gemv_cuda.cu's kPartialChannels: a residual matmul's workspace, per row
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -256,31 +260,37 @@ def fused_gemv(
     group: int,
     out: torch.Tensor,
     *,
-    partials_in: torch.Tensor | None = None,
+    sumsq_in: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     weighted: torch.Tensor | None = None,
-    partials_out: torch.Tensor | None = None,
+    sumsq_out: torch.Tensor | None = None,
+    counter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``int8_gemv`` (``zero`` None) or ``int4_gemv`` with a norm and residual folded in (``norm_fusion``):
-    the sums times each row's ``rsqrt(partials_in.sum(-1) / K + eps)``; plus ``residual``; and with
-    ``norm_weight``, ``weighted = out * norm_weight`` and the sums of out² per 8 channels into
-    ``partials_out`` (M, ceil(N / 8)) fp32. All tensors contiguous on x's device."""
+    the sums times each row's ``rsqrt(sumsq_in / K + eps)`` (sumsq_in (M,) fp32); plus ``residual``; and
+    with ``norm_weight``, ``weighted = out * norm_weight`` and each row's sum of out² into ``sumsq_out``
+    (M,) fp32, which takes ``counter``: one int32, zero before the call and zero again after it (a
+    workspace of the layer's; one call at a time). All tensors contiguous on x's device."""
     x = _aligned(x)
     (m, k), n = x.shape, weight.shape[0]
     assert x.is_cuda and _fuses(m, n, k, None if zero is None else group)
     lib = _library(x.device.index or 0)
     assert lib is not None
-    tensors = (partials_in, residual, norm_weight, weighted, partials_out)
+    partials = None
+    if norm_weight is not None:
+        assert weighted is not None and sumsq_out is not None and counter is not None
+        partials = torch.empty((m, -(-n // PARTIAL_CHANNELS)), device=x.device, dtype=torch.float32)
+    tensors = (sumsq_in, residual, norm_weight, weighted, sumsq_out, counter)
     assert all(t is None or (t.is_contiguous() and t.device == x.device) for t in tensors)
 
     def pointer(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
     fusion = Fusion(
-        pointer(partials_in), 0 if partials_in is None else partials_in.shape[-1], eps,
-        pointer(residual), pointer(norm_weight), pointer(weighted), pointer(partials_out),
+        pointer(sumsq_in), eps, pointer(residual), pointer(norm_weight), pointer(weighted),
+        pointer(partials), pointer(sumsq_out), pointer(counter),
     )  # fmt: skip
     with torch.cuda.device(x.device):
         code = lib.llmopt_fused_gemv(

@@ -66,15 +66,16 @@ class QuantKernel(ABC):
         return 0
 
     def matmul_normed(self, x: torch.Tensor, buffers: dict[str, torch.Tensor], shape: LayerShape,
-                      partials: torch.Tensor, eps: float) -> torch.Tensor:  # fmt: skip
-        """x (M, K) = ``h * w`` → the matmul of ``norm(h)``, (M, N)."""
-        return norm_fusion.scale_rows(self.matmul(x, buffers, shape), partials, shape.in_features, eps)
+                      sumsq: torch.Tensor, eps: float) -> torch.Tensor:  # fmt: skip
+        """x (M, K) = ``h * w`` with h's row sums of squares → the matmul of ``norm(h)``, (M, N)."""
+        return norm_fusion.scale_rows(self.matmul(x, buffers, shape), sumsq, shape.in_features, eps)
 
     def matmul_residual(
         self, x: torch.Tensor, buffers: dict[str, torch.Tensor], shape: LayerShape, residual: torch.Tensor,
-        norm_weight: torch.Tensor | None,
+        norm_weight: torch.Tensor | None, counter: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
-        """x (M, K) → ``norm_fusion.add_residual`` of the matmul: (h, h * w, partials) or (h, None, None)."""
+        """x (M, K) → ``norm_fusion.add_residual`` of the matmul: (h, h * w, sumsq) or (h, None, None).
+        ``counter``: the layer's ``norm_fusion.new_counter``, for kernels that fold this in."""
         return norm_fusion.add_residual(self.matmul(x, buffers, shape), residual, norm_weight)
 
 

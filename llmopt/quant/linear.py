@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmopt.quant import norm_fusion
 from llmopt.quant.kernels import LayerShape, QuantKernel, select_kernel
 
 
@@ -96,44 +97,50 @@ class QuantLinear(nn.Module):
 
     def fused_norm_rows(self, dtype: torch.dtype, residual: bool = False) -> int:
         """Up to how many rows of ``dtype`` activations this layer folds a norm in (``residual``: as the
-        matmul that ends a residual branch, which a bias would come after). Read once, when the model is
-        built, and kept: it looks at the weight's address, which torch.compile cannot."""
-        if residual and self.bias is not None:
-            self._fused_rows = 0
-        else:
-            self._fused_rows = self.kernel.fused_norm_rows(self.kernel_buffers(), self.shape, dtype)
-        return self._fused_rows
+        matmul that ends a residual branch, which a bias would come after; it then keeps a ticket
+        counter for the kernel). Read once, when the model is built, and kept: it looks at the weight's
+        address, which torch.compile cannot."""
+        rows = 0
+        if not (residual and self.bias is not None):
+            rows = self.kernel.fused_norm_rows(self.kernel_buffers(), self.shape, dtype)
+        self._fused_rows = rows
+        if residual and rows:
+            device = next(iter(self.kernel_buffers().values())).device
+            self.register_buffer("fusion_counter", norm_fusion.new_counter(device), persistent=False)
+        return rows
 
-    def forward_normed(self, x: torch.Tensor, partials: torch.Tensor, eps: float) -> torch.Tensor:
-        """This layer over ``norm(h)``, from ``norm_fusion.norm_inputs(h, w)``'s ``(x, partials)``."""
+    def forward_normed(self, x: torch.Tensor, sumsq: torch.Tensor, eps: float) -> torch.Tensor:
+        """This layer over ``norm(h)``, from ``norm_fusion.norm_inputs(h, w)``'s ``(x, sumsq)``."""
         lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features)
-        y = self._matmul_normed(x2, partials, eps)
+        buffers, shape = self.kernel_buffers(), self.shape
+        if x2.shape[0] <= self._fused_rows:
+            y = self.kernel.matmul_normed(x2, buffers, shape, sumsq, eps)
+        else:
+            y = QuantKernel.matmul_normed(self.kernel, x2, buffers, shape, sumsq, eps)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
-
-    def _matmul_normed(self, x: torch.Tensor, partials: torch.Tensor, eps: float) -> torch.Tensor:
-        if x.shape[0] <= self._fused_rows:
-            return self.kernel.matmul_normed(x, self.kernel_buffers(), self.shape, partials, eps)
-        return QuantKernel.matmul_normed(self.kernel, x, self.kernel_buffers(), self.shape, partials, eps)
 
     def forward_residual(
         self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``h = residual + self(x)`` and, given the next norm's weight, that norm's fused inputs:
-        ``(h, h * w, partials)`` (h and h * w shaped as residual), else ``(h, None, None)``. No bias
+        ``(h, h * w, sumsq)`` (h and h * w shaped as residual), else ``(h, None, None)``. No bias
         (``fused_norm_rows(residual=True)`` is 0 with one)."""
         assert self.bias is None, "a residual-fused layer has no bias"
         x2 = x.reshape(-1, self.in_features)
         buffers, shape = self.kernel_buffers(), self.shape
         if x2.shape[0] <= self._fused_rows:
-            h, weighted, partials = self.kernel.matmul_residual(x2, buffers, shape, residual, norm_weight)
+            counter = self.fusion_counter
+            h, weighted, sumsq = self.kernel.matmul_residual(
+                x2, buffers, shape, residual, norm_weight, counter
+            )
         else:
-            h, weighted, partials = QuantKernel.matmul_residual(
+            h, weighted, sumsq = QuantKernel.matmul_residual(
                 self.kernel, x2, buffers, shape, residual, norm_weight
             )
         h = h.view(residual.shape)
-        return h, None if weighted is None else weighted.view(residual.shape), partials
+        return h, None if weighted is None else weighted.view(residual.shape), sumsq
 
     def extra_repr(self) -> str:
         group = f", group_size={self.shape.group_size}" if self.shape.group_size else ""

@@ -648,13 +648,14 @@ class TritonInt8Kernel(RowMajorQuantKernel):
     def fused_norm_rows(self, buffers, shape, dtype):
         return cuda_gemv.fused_max_rows(dtype, buffers["weight_int8"], shape.in_features)
 
-    def matmul_normed(self, x, buffers, shape, partials, eps):
+    def matmul_normed(self, x, buffers, shape, sumsq, eps):
         args = (buffers["weight_int8"], buffers["scales"], None, 0)
-        return norm_fusion.cuda_normed_matmul(x, *args, partials, eps)
+        return norm_fusion.cuda_normed_matmul(x, *args, sumsq, eps)
 
-    def matmul_residual(self, x, buffers, shape, residual, norm_weight):
+    def matmul_residual(self, x, buffers, shape, residual, norm_weight, counter=None):
+        assert counter is not None
         args = (buffers["weight_int8"], buffers["scales"], None, 0)
-        return norm_fusion.cuda_residual_matmul(x, *args, residual, norm_weight)
+        return norm_fusion.cuda_residual_matmul(x, *args, residual, norm_weight, counter)
 
 
 GROUP_MAJOR = ("scales_by_group", "zeros_by_group")  # TritonInt4Kernel's buffers for cutlass_gemm.int4_gemm
@@ -715,11 +716,13 @@ class TritonInt4Kernel(RowMajorQuantKernel):
         assert shape.group_size is not None
         return buffers["weight_int4"], buffers["scales"], buffers["zeros"], shape.group_size
 
-    def matmul_normed(self, x, buffers, shape, partials, eps):
-        return norm_fusion.cuda_normed_matmul(x, *self._fused_args(buffers, shape), partials, eps)
+    def matmul_normed(self, x, buffers, shape, sumsq, eps):
+        return norm_fusion.cuda_normed_matmul(x, *self._fused_args(buffers, shape), sumsq, eps)
 
-    def matmul_residual(self, x, buffers, shape, residual, norm_weight):
-        return norm_fusion.cuda_residual_matmul(x, *self._fused_args(buffers, shape), residual, norm_weight)
+    def matmul_residual(self, x, buffers, shape, residual, norm_weight, counter=None):
+        assert counter is not None
+        args = self._fused_args(buffers, shape)
+        return norm_fusion.cuda_residual_matmul(x, *args, residual, norm_weight, counter)
 
 
 def available() -> list[QuantKernel]:

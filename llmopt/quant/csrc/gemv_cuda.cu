@@ -39,13 +39,14 @@
 // What llmopt_fused_gemv folds into the matmul (see "RMSNorm and the residual add" below). Outside the
 // anonymous namespace: the extern "C" entry takes it, and must keep external linkage.
 struct Fusion {
-  const float* partials_in;  // [m, parts_in]: sums of h^2 of x's rows, per 8 channels; null: no norm
-  int parts_in;
+  const float* sumsq_in;    // [m]: the sum of h^2 over each of x's rows; null: no norm before this matmul
   float eps;
   const void* residual;     // [m, n], ld n, x's type: added to the outputs; null: none
-  const void* norm_weight;  // [n]: with residual, also write weighted = h * w and partials_out
+  const void* norm_weight;  // [n]: with residual, also write weighted = h * w and sumsq_out
   void* weighted;           // [m, n], ld n
-  float* partials_out;      // [m, ceil(n / 8)]
+  float* partials;          // [m, ceil(n / 8)]: workspace for the sums of h^2 per 8 channels
+  float* sumsq_out;         // [m]
+  unsigned int* counter;    // zero before the launch; zero again after it (the last block resets it)
 };
 
 namespace {
@@ -61,10 +62,6 @@ __device__ __forceinline__ uint4 load_stream(const void* ptr) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(ptr));
   return v;
-}
-
-__device__ __forceinline__ void prefetch_l2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
 }
 
 __device__ __forceinline__ float load_scalar(const void* ptr, int64_t index, int dtype) {
@@ -163,34 +160,57 @@ struct Team {
 // these matmuls; here it is spread over them, so it costs no launch:
 //   - the matmul that ends a residual branch (o_proj, down) adds the residual to its outputs (rounded to
 //     the activation type first, as `h + o_proj(x)` does), writes h, writes h * w (w: the next norm's
-//     weight) as the next matmul's input, and the sum of h^2 over each PARTIAL_CHANNELS consecutive
-//     channels (fp32, in a fixed order) into partials_out [rows, ceil(n / 8)];
-//   - the matmul after the norm (q/k/v, gate/up) reads h * w as x, sums the partials of its rows while its
-//     first weight loads are in flight, and multiplies its fp32 sums by rsqrt(sum / k + eps):
-//     W (h * w) * rsqrt(...) is the norm's output through the matmul, rounded once less.
-// Every sum runs in a fixed order, so the result is the same on every run.
+//     weight) as the next matmul's input, and each block the sums of h^2 over its 8-channel groups into a
+//     workspace; the last block to finish (a ticket counter) adds them up into sumsq_out, one float per row;
+//   - the matmul after the norm (q/k/v, gate/up) reads h * w as x, fetches its rows' sums of squares into
+//     shared memory with cp.async as it starts (no register held, no wait) and multiplies its fp32 sums by
+//     rsqrt(sumsq / k + eps) at the end: W (h * w) * rsqrt(...) is the norm's output through the matmul.
+// (Summing the 8-channel partials in every block of the next matmul instead was measured: its short-lived
+// blocks waited on those loads, +7 us per layer at one row, BENCHMARKS.md.) Every sum runs in a fixed order,
+// whichever block is last, so the result is the same on every run.
 constexpr int kPartialChannels = 8;
 
-// Each warp's sums of partials_in per row (lane 0 of each warp writes sums[warp][m]).
-template <int THREADS>
-__device__ __forceinline__ void partial_row_sums(const Fusion& f, int m_rows, float (*sums)[16]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int m = 0; m < m_rows; ++m) {
-    float s = 0.0f;
-    for (int p = threadIdx.x; p < f.parts_in; p += THREADS) s += f.partials_in[(int64_t)m * f.parts_in + p];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, offset);
-    if (lane == 0) sums[warp][m] = s;
-  }
+// The consumer's start: threads 0 .. m_rows - 1 copy their row's sum of squares into sumsq[] (cp.async, 4
+// bytes). Before reading sumsq: norm_sums_wait() in every thread, then a __syncthreads.
+__device__ __forceinline__ void norm_sums_fetch(const Fusion& f, int m_rows, float* sumsq) {
+  if (f.sumsq_in == nullptr || (int)threadIdx.x >= m_rows) return;
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(sumsq + threadIdx.x));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(f.sumsq_in + threadIdx.x));
+  asm volatile("cp.async.commit_group;\n" ::);
 }
 
-// rsqrt(mean(h^2) + eps) of row m from the warps' sums (after a __syncthreads), in warp order.
-template <int WARPS>
-__device__ __forceinline__ float row_rstd(const float (*sums)[16], int m, int k, float eps) {
-  float s = 0.0f;
+__device__ __forceinline__ void norm_sums_wait() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// The producer's end, in one whole warp of each block after its partials are written: the last block to get
+// here sums every block's partials per row (in a fixed order) into sumsq_out and resets the counter.
+__device__ __forceinline__ void norm_sums_finish(const Fusion& f, int parts, int m_rows) {
+  const int lane = threadIdx.x & 31;
+  __threadfence();  // this block's partials, visible before its ticket
+  __syncwarp();
+  unsigned last = 0;
+  if (lane == 0) last = atomicAdd(f.counter, 1u) == gridDim.x - 1;
+  if (!__shfl_sync(0xFFFFFFFFu, last, 0)) return;
+  __threadfence();
+  for (int m0 = 0; m0 < m_rows; m0 += 4) {  // four rows' loads in flight at a time
+    float s[4] = {};
+    for (int p = lane; p < parts; p += 32) {
 #pragma unroll
-  for (int w = 0; w < WARPS; ++w) s += sums[w][m];
-  return rsqrtf(s / (float)k + eps);
+      for (int i = 0; i < 4; ++i) {
+        if (m0 + i < m_rows) s[i] += __ldcg(f.partials + (int64_t)(m0 + i) * parts + p);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) s[i] += __shfl_xor_sync(0xFFFFFFFFu, s[i], offset);
+      if (lane == 0 && m0 + i < m_rows) f.sumsq_out[m0 + i] = s[i];
+    }
+  }
+  if (lane == 0) *f.counter = 0;  // ready for the next launch (a CUDA graph replays the same buffer)
+}
+
+__device__ __forceinline__ float row_rstd(const float* sumsq, int m, int k, float eps) {
+  return rsqrtf(sumsq[m] / (float)k + eps);
 }
 
 // The fused output of channel `row` of x row `col`: the sum (already scaled) times the row's rstd, plus
@@ -229,20 +249,12 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(const T* __restrict
                                                              int64_t ldo, Fusion fusion = {}) {
   static_assert(!kFused || (M == 1 && R == kPartialChannels && KSPLIT == kWarps), "fused: one row, 8 channels");
   __shared__ float partial[kWarps][R * M];
-  __shared__ float norm_sums[kFused ? kWarps : 1][16];
+  __shared__ float norm_sumsq[16];
   const Team<R, KSPLIT> team;
   constexpr int kStride = Team<R, KSPLIT>::kThreadsPerTeam;
   const int chunks = k / 16;
   float acc[R][M] = {};
-  if constexpr (kFused) {  // the norm's partials, while the first weight chunks come into L2
-    if (team.t < chunks) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (team.n0 + r < n) prefetch_l2(w + (int64_t)(team.n0 + r) * k + team.t * 16);
-      }
-    }
-    if (fusion.partials_in != nullptr) partial_row_sums<kThreads>(fusion, m_rows, norm_sums);
-  }
+  if constexpr (kFused) norm_sums_fetch(fusion, m_rows, norm_sumsq);
   for (int base = team.t; base < chunks; base += kStride * U) {
     uint4 wv[U][R];
 #pragma unroll
@@ -282,18 +294,20 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(const T* __restrict
   const float total = team_sum<R, M, KSPLIT>(acc, partial);
   const int lane = threadIdx.x & 31, r = lane / M, m = lane % M;
   if constexpr (kFused) {
-    __syncthreads();  // norm_sums
+    norm_sums_wait();
+    __syncthreads();  // norm_sumsq
     if (!team.writer) return;
     float squares = 0.0f;
     if (lane < R && team.n0 + r < n) {
       float value = total * load_scalar(scale, team.n0 + r, scale_dtype);
-      if (fusion.partials_in != nullptr) value *= row_rstd<kWarps>(norm_sums, 0, k, fusion.eps);
+      if (fusion.sumsq_in != nullptr) value *= row_rstd(norm_sumsq, 0, k, fusion.eps);
       squares = fused_store<T>(fusion, value, team.n0 + r, 0, n, out, ldo);
     }
     if (fusion.norm_weight != nullptr) {
 #pragma unroll
       for (int offset = 1; offset < R; offset <<= 1) squares += __shfl_xor_sync(0xFFFFFFFFu, squares, offset);
-      if (lane == 0) fusion.partials_out[blockIdx.x] = squares;
+      if (lane == 0) fusion.partials[blockIdx.x] = squares;
+      norm_sums_finish(fusion, gridDim.x, 1);
     }
   } else if (team.writer && lane < R * M && m < m_rows && team.n0 + r < n) {
     out[m * ldo + team.n0 + r] = from_float<T>(total * load_scalar(scale, team.n0 + r, scale_dtype));
@@ -566,12 +580,12 @@ __device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, unsi
 
 // Sum the warps' tiles in warp order and write the block's 16 channels x m_rows outputs (int8: times
 // the channel's scale).
-// kFused: with `fusion`'s norm and residual (rstd from norm_sums; a block's 16 channels are two partials).
+// kFused: with `fusion`'s norm and residual (rstd from norm_sumsq; a block's 16 channels are two partials).
 template <typename T, int kMode, int NT, int WARPS, bool kFused>
 __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)[32][NT * 4], int row_a, int row_b,
                                            int n, int m_rows, int k, const void* __restrict__ scale, int scale_dtype,
                                            T* __restrict__ out, int64_t ldo, const Fusion& fusion,
-                                           const float (*norm_sums)[16]) {
+                                           const float* norm_sumsq) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tig = lane & 3;
   if constexpr (WARPS > 1) {
 #pragma unroll
@@ -579,7 +593,7 @@ __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)
 #pragma unroll
       for (int i = 0; i < 4; ++i) partial[warp][lane][t * 4 + i] = acc[t][i];
     }
-    __syncthreads();  // (also norm_sums)
+    __syncthreads();  // (also norm_sumsq)
     if (warp != 0) return;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -597,7 +611,7 @@ __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)
     s_b = row_b < n ? load_scalar(scale, row_b, scale_dtype) : 0.0f;
   }
   if constexpr (kFused) {
-    static_assert(WARPS > 1, "norm_sums are read after the warps' __syncthreads");
+    static_assert(WARPS > 1, "norm_sumsq is read after the warps' __syncthreads");
     float squares[NT][4] = {};
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -606,7 +620,7 @@ __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)
         const int row = i < 2 ? row_a : row_b, col = t * 8 + 2 * tig + (i & 1);
         if (row >= n || col >= m_rows) continue;
         float value = acc[t][i] * (i < 2 ? s_a : s_b);
-        if (fusion.partials_in != nullptr) value *= row_rstd<WARPS>(norm_sums, col, k, fusion.eps);
+        if (fusion.sumsq_in != nullptr) value *= row_rstd(norm_sumsq, col, k, fusion.eps);
         squares[t][i] = fused_store<T>(fusion, value, row, col, n, out, ldo);
       }
     }
@@ -622,9 +636,10 @@ __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)
           squares[t][i] += __shfl_xor_sync(0xFFFFFFFFu, squares[t][i], offset);
         }
         const int col = t * 8 + 2 * tig + (i & 1), part = 2 * blockIdx.x + (i >= 2);
-        if (lane < 4 && col < m_rows && part < parts) fusion.partials_out[(int64_t)col * parts + part] = squares[t][i];
+        if (lane < 4 && col < m_rows && part < parts) fusion.partials[(int64_t)col * parts + part] = squares[t][i];
       }
     }
+    norm_sums_finish(fusion, parts, m_rows);
   } else {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -646,7 +661,7 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
                                                             int m_rows, int n, int k, int group_shift, int64_t ldx,
                                                             int64_t ldo, Fusion fusion = {}) {
   __shared__ float partial[WARPS > 1 ? WARPS : 1][32][NT * 4];
-  __shared__ float norm_sums[kFused ? WARPS : 1][16];
+  __shared__ float norm_sumsq[16];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
   const int row_a = blockIdx.x * 16 + g, row_b = row_a + 8;
   const bool ok_a = row_a < n, ok_b = row_b < n;
@@ -669,9 +684,7 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
     next_a[u] = load_stream(base_a + chunk * 64);
     next_b[u] = load_stream(base_b + chunk * 64);
   }
-  if constexpr (kFused) {  // the norm's partials, while the first weight loads are in flight
-    if (fusion.partials_in != nullptr) partial_row_sums<WARPS * 32>(fusion, m_rows, norm_sums);
-  }
+  if constexpr (kFused) norm_sums_fetch(fusion, m_rows, norm_sumsq);
   for (int first = warp; first < chunks; first += WARPS * U) {
     uint4 wa[U], wb[U];
 #pragma unroll
@@ -689,8 +702,9 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
       mma_chunk<T, S, kMode, NT>(wa[u], wb[u], chunk * 64 + 16 * tig, group_shift, rows, x_row, acc);
     }
   }
+  if constexpr (kFused) norm_sums_wait();
   mma_finish<T, kMode, NT, WARPS, kFused>(acc, partial, row_a, row_b, n, m_rows, k, scale, scale_dtype, out, ldo,
-                                          fusion, norm_sums);
+                                          fusion, norm_sumsq);
 }
 
 template <typename T, typename S, int kMode, int NT, int WARPS, int U>
@@ -930,9 +944,9 @@ int llmopt_fused_gemv(int int4, const void* x, int x_dtype, const void* w, const
                       const Fusion* fusion, void* stream) {
   if (fusion == nullptr || m < 1 || m > kMaxMmaRows) return cudaErrorInvalidValue;
   if (int4 && (!int4_group_ok(group, k) || k % 128 != 0)) return cudaErrorInvalidValue;
-  if (fusion->partials_in != nullptr && fusion->parts_in < 1) return cudaErrorInvalidValue;
   if (fusion->norm_weight != nullptr && (fusion->residual == nullptr || fusion->weighted == nullptr ||
-                                         fusion->partials_out == nullptr)) {
+                                         fusion->partials == nullptr || fusion->sumsq_out == nullptr ||
+                                         fusion->counter == nullptr)) {
     return cudaErrorInvalidValue;
   }
   if ((fusion->residual != nullptr || fusion->norm_weight != nullptr) && ldo != n) return cudaErrorInvalidValue;
