@@ -131,7 +131,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         buffers, shape = self.kernel_buffers(), self.shape
         if x2.shape[0] <= self._fused_rows:
-            counter = self.fusion_counter
+            counter = self.get_buffer("fusion_counter")
             h, weighted, sumsq = self.kernel.matmul_residual(
                 x2, buffers, shape, residual, norm_weight, counter
             )
