@@ -11,6 +11,8 @@ Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv-mma   # the tensor-core decode kernel's
                                   # (BASELINE_SOURCE=old/gemv_cuda.cu: that version's dispatch, same call;
                                   # MMA_VARIANTS="-D.. -D..;-D..": build and time these -D sets instead)
+    PYTHONPATH=. python examples/gpu_lowbit_kernels.py fused      # decode kernels with the norm / residual
+                                  # folded in against without, per layer (FUSED_ROWS=1,8)
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py cutlass    # the Hopper int8/int4 GEMM: configurations,
                                   # the chosen one, int8_matmul / int4_matmul with and without it, bf16
                                   # cuBLAS (SCHEMES=int8,int4, ROWS=64,128,...)
@@ -260,6 +262,77 @@ def fused_check() -> list[dict]:
                      "weighted_exact": weighted_exact, "sumsq_rel_err": sumsq_err,
                      "deterministic": deterministic, "counter_zero": counter_zero, "ok": ok})  # fmt: skip
     return rows
+
+
+def part_fused() -> dict:
+    """Per layer, the CUDA decode kernels with the norm / residual folded in against without (``FUSED_ROWS``,
+    default 1,8): plain; as the matmul after a norm (sum of squares in, rstd out); with a residual only;
+    and as the matmul ending a residual branch (residual, h * w, the last block's sums). µs, CUDA graph over
+    weight copies > 256 MB, as ``table``."""
+    from llmopt.quant import norm_fusion
+
+    rows = []
+    counter = norm_fusion.new_counter(DEV)
+    for m in (int(v) for v in os.environ.get("FUSED_ROWS", "1,8").split(",")):
+        for scheme, (name, (n, k)) in itertools.product(("int8", "int4"), LLAMA_SHAPES.items()):
+            if name == "head":
+                continue
+            group = None if scheme == "int8" else GROUP
+            q, s, zp, _ = make_layer(scheme, n, k, torch.bfloat16, group=group)
+            shape = LayerShape(scheme, k, n, group)
+            kernel = tk.TritonInt8Kernel() if scheme == "int8" else tk.TritonInt4Kernel()
+            first = kernel.prepare(q, s, zp, shape, DEV, torch.bfloat16)
+            weight_key = "weight_int8" if scheme == "int8" else "weight_int4"
+            if m > cuda_gemv.fused_max_rows(torch.bfloat16, first[weight_key], k, group):
+                continue
+            nbytes = sum(t.numel() * t.element_size() for t in first.values())
+            copies = max(2, math.ceil((256 << 20) / nbytes))
+            bufs = [first] + [{key: t.clone() for key, t in first.items()} for _ in range(copies - 1)]
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            sumsq = norm_fusion.row_sumsq(torch.randn(m, k, device=DEV))
+            out, weighted = (
+                torch.empty(m, n, device=DEV, dtype=x.dtype),
+                torch.empty(m, n, device=DEV, dtype=x.dtype),
+            )
+            residual = torch.randn(m, n, device=DEV, dtype=x.dtype)
+            w_norm = torch.ones(n, device=DEV, dtype=x.dtype)
+            sumsq_out = torch.empty(m, device=DEV)
+
+            state = {
+                "bufs": bufs, "x": x, "out": out, "scheme": scheme, "group": group, "key": weight_key,
+                "sumsq": sumsq, "residual": residual, "w_norm": w_norm, "weighted": weighted,
+                "sumsq_out": sumsq_out,
+            }  # fmt: skip
+
+            def call(i, mode, st=state):
+                b, x, out = st["bufs"][i], st["x"], st["out"]
+                zero = b.get("zeros")
+                if mode == "plain" and st["scheme"] == "int8":
+                    cuda_gemv.int8_gemv(x, b[st["key"]], b["scales"], out)
+                elif mode == "plain":
+                    cuda_gemv.int4_gemv(x, b[st["key"]], b["scales"], zero, st["group"], out)
+                else:
+                    extra = {
+                        "normed": {"sumsq_in": st["sumsq"], "eps": 1e-5},
+                        "residual": {"residual": st["residual"]},
+                        "producer": {
+                            "residual": st["residual"],
+                            "norm_weight": st["w_norm"],
+                            "weighted": st["weighted"],
+                            "sumsq_out": st["sumsq_out"],
+                            "counter": counter,
+                        },
+                    }[mode]
+                    cuda_gemv.fused_gemv(x, b[st["key"]], b["scales"], zero, st["group"] or 0, out, **extra)
+
+            row = {"scheme": scheme, "layer": name, "m": m, "n": n, "k": k}
+            for mode in ("plain", "normed", "residual", "producer"):
+                row[f"{mode}_us"] = 1e6 * time_graph(functools.partial(call, mode=mode), copies)
+            rows.append(row)
+            print(row, flush=True)
+            del bufs
+            torch.cuda.empty_cache()
+    return {"rows": rows}
 
 
 def by_group(buffers: dict) -> tuple | None:
@@ -782,6 +855,8 @@ def main() -> None:
         result = part_split()
     elif part == "cutlass":
         result = part_cutlass()
+    elif part == "fused":
+        result = part_fused()
     elif part in ("gemv", "gemv-mma"):
         result = part_gemv(mma=part == "gemv-mma")
     else:
