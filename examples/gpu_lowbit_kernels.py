@@ -221,7 +221,7 @@ def fused_check() -> list[dict]:
         b = kernel.prepare(q, s, zp, shape, DEV, dtype)
         weight = b["weight_int8" if scheme == "int8" else "weight_int4"]
         zero = None if scheme == "int8" else b["zeros"]
-        if m > cuda_gemv.fused_max_rows(dtype, weight, k, group):
+        if not cuda_gemv.fused_kernel_takes(m, n, k, group):
             rows.append({"scheme": scheme, "m": m, "n": n, "k": k, "fused": False, "ok": False,
                          "path": "none", "rel_err": float("inf")})  # fmt: skip
             continue
@@ -283,7 +283,7 @@ def part_fused() -> dict:
             kernel = tk.TritonInt8Kernel() if scheme == "int8" else tk.TritonInt4Kernel()
             first = kernel.prepare(q, s, zp, shape, DEV, torch.bfloat16)
             weight_key = "weight_int8" if scheme == "int8" else "weight_int4"
-            if m > cuda_gemv.fused_max_rows(torch.bfloat16, first[weight_key], k, group):
+            if not cuda_gemv.fused_kernel_takes(m, n, k, group):
                 continue
             nbytes = sum(t.numel() * t.element_size() for t in first.values())
             copies = max(2, math.ceil((256 << 20) / nbytes))

@@ -138,7 +138,7 @@ def test_rows_past_the_limit_and_the_switch_keep_the_plain_path(monkeypatch):
     ],
 )
 def test_cuda_fusion_row_rules(m: int, n: int, k: int, group: int | None, fuses: bool):
-    assert cuda_gemv._fuses(m, n, k, group) is fuses
+    assert cuda_gemv.fused_kernel_takes(m, n, k, group) is fuses
 
 
 def test_cpu_weights_never_fuse_on_the_cuda_kernels():

@@ -225,18 +225,27 @@ def usable(x: torch.Tensor, weight: torch.Tensor, k: int, group: int | None = No
     )
 
 
-def _fuses(m: int, n: int, k: int, group: int | None) -> bool:
-    """The rows ``_rows_ok`` gives the CUDA kernels, on the kernels that fold a norm in (int8: one row on
-    the CUDA cores, or K a multiple of 64 for the tensor-core kernel; int4: K a multiple of 128)."""
+def fused_kernel_takes(m: int, n: int, k: int, group: int | None) -> bool:
+    """Whether ``fused_gemv`` can run this call: the rows ``_rows_ok`` gives the CUDA kernels, on the kernels
+    that fold a norm in (int8: one row on the CUDA cores, or K a multiple of 64 for the tensor-core kernel;
+    int4: K a multiple of 128)."""
     if not _rows_ok(m, n, k, group):
         return False
     return ((m == 1 and k % 16 == 0) or k % 64 == 0) if group is None else k % 128 == 0
 
 
+# Up to how many rows the engine folds the norms in, per scheme: where it measured no slower (an H200,
+# Llama-3-8B, BENCHMARKS.md §5). The matmul ending a residual branch pays a ticket and its last block's
+# sum (+1.5 us int8, +2.5-2.8 us int4 on o/down at one row), the fused tensor-core kernels run 0.5-1 us
+# slower than their plain twins, and a standalone add + norm costs ~2.8 us: int8's one-row CUDA-core
+# kernel gains, int4 and 8 rows lose.
+FUSED_NORM_ROWS = {"int8": 1, "int4": 0}
+
+
 def fused_max_rows(x_dtype: torch.dtype, weight: torch.Tensor, k: int, group: int | None = None) -> int:
-    """Up to how many rows ``fused_gemv`` takes this layer (from one), 0 where it does not: a bf16/fp16
-    model on CUDA, a 16-byte aligned contiguous weight, the library built here. Called when a model is
-    built (it reads the weight's address), not under torch.compile."""
+    """Up to how many rows the engine runs this layer through ``fused_gemv`` (from one; ``FUSED_NORM_ROWS``),
+    0 where it does not: a bf16/fp16 model on CUDA, a 16-byte aligned contiguous weight, the library built
+    here. Called when a model is built (it reads the weight's address), not under torch.compile."""
     usable_here = (
         weight.is_cuda
         and x_dtype in _ACTIVATION_DTYPES
@@ -246,8 +255,9 @@ def fused_max_rows(x_dtype: torch.dtype, weight: torch.Tensor, k: int, group: in
     )
     if not usable_here or _library(weight.device.index or 0) is None:
         return 0
+    limit = FUSED_NORM_ROWS["int8" if group is None else "int4"]
     rows = 0
-    while rows < MAX_ROWS and _fuses(rows + 1, weight.shape[0], k, group):
+    while rows < limit and fused_kernel_takes(rows + 1, weight.shape[0], k, group):
         rows += 1
     return rows
 
@@ -275,7 +285,7 @@ def fused_gemv(
     workspace of the layer's; one call at a time). All tensors contiguous on x's device."""
     x = _aligned(x)
     (m, k), n = x.shape, weight.shape[0]
-    assert x.is_cuda and _fuses(m, n, k, None if zero is None else group)
+    assert x.is_cuda and fused_kernel_takes(m, n, k, None if zero is None else group)
     lib = _library(x.device.index or 0)
     assert lib is not None
     partials = None

@@ -181,22 +181,36 @@ __device__ __forceinline__ void norm_sums_fetch(const Fusion& f, int m_rows, flo
 
 __device__ __forceinline__ void norm_sums_wait() { asm volatile("cp.async.wait_all;\n" ::); }
 
+// A ticket: the counter's old value, with release (this warp's writes before it, ordered by a __syncwarp, are
+// visible to whoever acquires the counter after it) and acquire (every earlier ticket holder's writes are
+// visible here) at GPU scope. Lighter than __threadfence(), a sequentially consistent fence (membar.gl).
+__device__ __forceinline__ unsigned take_ticket(unsigned* counter) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ float load_relaxed(const float* ptr) {
+  float v;
+  asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
 // The producer's end, in one whole warp of each block after its partials are written: the last block to get
 // here sums every block's partials per row (in a fixed order) into sumsq_out and resets the counter.
 __device__ __forceinline__ void norm_sums_finish(const Fusion& f, int parts, int m_rows) {
   const int lane = threadIdx.x & 31;
-  __threadfence();  // this block's partials, visible before its ticket
-  __syncwarp();
+  __syncwarp();  // the warp's partials, before lane 0's release
   unsigned last = 0;
-  if (lane == 0) last = atomicAdd(f.counter, 1u) == gridDim.x - 1;
+  if (lane == 0) last = take_ticket(f.counter) == gridDim.x - 1;
   if (!__shfl_sync(0xFFFFFFFFu, last, 0)) return;
-  __threadfence();
+  __syncwarp();  // lane 0's acquire, before the warp's loads
   for (int m0 = 0; m0 < m_rows; m0 += 4) {  // four rows' loads in flight at a time
     float s[4] = {};
     for (int p = lane; p < parts; p += 32) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if (m0 + i < m_rows) s[i] += __ldcg(f.partials + (int64_t)(m0 + i) * parts + p);
+        if (m0 + i < m_rows) s[i] += load_relaxed(f.partials + (int64_t)(m0 + i) * parts + p);
       }
     }
 #pragma unroll
