@@ -12,7 +12,9 @@ positions: prefill of one sequence (rows = 1, T tokens) and decode of a slot buc
 T = 1) are the same code. Keys and values go straight into the slot's cache; attention reads the
 slot's first ``attn_len`` positions under a mask built from each row's own position (and the
 layer's sliding window), so rows of different lengths share one step. On the GPU a decode step's
-cache write and attention are one Triton kernel per layer instead (``triton_attention.py``).
+cache write and attention are one Triton kernel per layer instead (``triton_attention.py``), and
+where the low-bit decode kernels take it the residual adds and RMSNorms are folded into the matmuls
+around them (``quant/norm_fusion.py``; ``FusedRows`` says where, per projection).
 """
 
 from __future__ import annotations
