@@ -132,6 +132,8 @@ def correctness() -> dict:
 
 def kernel_class(name: str) -> str:
     low = name.lower()
+    if low.startswith("triton_"):  # inductor's kernels, named after the ops they fuse ("..._gemv_...")
+        return "other"
     if any(k in low for k in ("fmha", "attention", "flash", "sdpa", "efficient")):
         return "attention"
     if any(k in low for k in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90", "splitk", "matmul", "mma")):
