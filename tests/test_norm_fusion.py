@@ -46,6 +46,24 @@ def test_add_residual_returns_the_next_norms_inputs():
     assert norm_fusion.add_residual(y, residual, None)[1:] == (None, None)
 
 
+def test_a_biased_layer_adds_its_bias_before_the_residual(monkeypatch):
+    """forward_residual on a layer with a bias: h = residual + (x W + b), whatever rows the kernel reports."""
+    model = quantized("llama3-rope-scaling-biases", "int8")
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert o_proj.bias is not None
+    monkeypatch.setattr(QuantKernel, "fused_norm_rows", lambda self, buffers, shape, dtype: 4)
+    assert o_proj.fused_norm_rows(torch.float32, residual=True) == 0
+    assert o_proj.fused_norm_rows(torch.float32) == 4  # as a matmul after a norm it would fuse
+    gen = torch.Generator().manual_seed(4)
+    x, residual = torch.randn(1, 2, 64, generator=gen), torch.randn(1, 2, 64, generator=gen)
+    w = torch.rand(64, generator=gen)
+    h, weighted, sumsq = o_proj.forward_residual(x, residual, w)
+    want = residual + o_proj(x)
+    assert torch.allclose(h, want, atol=1e-6) and h.shape == residual.shape
+    assert weighted is not None and sumsq is not None
+    assert torch.allclose(weighted, h * w) and torch.allclose(sumsq, h.square().sum(-1).view(-1))
+
+
 def quantized(name: str, scheme: str) -> torch.nn.Module:
     model_type, overrides = CONFIGS[name]
     return quantize_model_(random_model(model_type, overrides), QuantSpec(scheme))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -377,8 +377,6 @@ class DecoderModel(nn.Module):
         for layer in layers:
             layer.fuse_norms(self.dtype)
         self.layers = nn.ModuleList(layers)
-        # Per layer, the next one's first norm weight and up to how many rows it folds it into its q/k/v.
-        self._next_norms = [(nxt.attn_norm, nxt.fused_rows.qkv) for nxt in layers[1:]] + [(None, 0)]
         self.norm = inner.norm.weight
         self.lm_head = hf_model.lm_head
         rotary = inner.rotary_emb
@@ -453,9 +451,11 @@ class DecoderModel(nn.Module):
         else:
             slots = torch.arange(slot_start, slot_start + x.shape[0], device=x.device).unsqueeze(1)
         n_rows = tokens.numel()
+        layers = cast(list[DecoderLayer], list(self.layers))
         normed: norm_fusion.Fused | None = None  # the next layer's first norm, made by a fused down_proj
-        for layer, (next_weight, next_rows) in zip(self.layers, self._next_norms, strict=True):
-            next_norm = next_weight if n_rows <= next_rows else None
+        for layer, following in zip(layers, [*layers[1:], None], strict=True):
+            # The next layer's first norm weight, when it folds that norm into its q/k/v at these rows.
+            next_norm = following.attn_norm if following and n_rows <= following.fused_rows.qkv else None
             x, normed = layer(
                 x, rope, tables, masks, cache, first, slots, positions, attn_len, normed, next_norm
             )

@@ -214,14 +214,19 @@ def usable(x: torch.Tensor, weight: torch.Tensor, k: int, group: int | None = No
     most INT8_MAX_MULTIROW_WEIGHT elements (INT8_ANY_ROWS_WEIGHT past INT8_MID_MAX_ROWS rows); int4
     groups a power of two >= 32 dividing K; a 16-byte aligned contiguous weight; and the library
     builds here."""
+    return x.is_cuda and _rows_ok(x.shape[0], weight.shape[0], k, group) and _layer_runs_here(x.dtype, weight)
+
+
+def _layer_runs_here(x_dtype: torch.dtype, weight: torch.Tensor) -> bool:
+    """What the kernels need of a layer beyond its shape: bf16/fp16 activations, a 16-byte aligned
+    contiguous CUDA weight, the library switched on and built for this GPU."""
     return (
-        x.is_cuda
+        weight.is_cuda
+        and x_dtype in _ACTIVATION_DTYPES
         and weight.is_contiguous()
         and weight.data_ptr() % 16 == 0
-        and x.dtype in _ACTIVATION_DTYPES
-        and _rows_ok(x.shape[0], weight.shape[0], k, group)
         and enabled()
-        and _library(x.device.index or 0) is not None
+        and _library(weight.device.index or 0) is not None
     )
 
 
@@ -246,14 +251,7 @@ def fused_max_rows(x_dtype: torch.dtype, weight: torch.Tensor, k: int, group: in
     """Up to how many rows the engine runs this layer through ``fused_gemv`` (from one; ``FUSED_NORM_ROWS``),
     0 where it does not: a bf16/fp16 model on CUDA, a 16-byte aligned contiguous weight, the library built
     here. Called when a model is built (it reads the weight's address), not under torch.compile."""
-    usable_here = (
-        weight.is_cuda
-        and x_dtype in _ACTIVATION_DTYPES
-        and weight.is_contiguous()
-        and weight.data_ptr() % 16 == 0
-        and enabled()
-    )
-    if not usable_here or _library(weight.device.index or 0) is None:
+    if not _layer_runs_here(x_dtype, weight):
         return 0
     limit = FUSED_NORM_ROWS["int8" if group is None else "int4"]
     rows = 0

@@ -125,20 +125,17 @@ class QuantLinear(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``h = residual + self(x)`` and, given the next norm's weight, that norm's fused inputs:
-        ``(h, h * w, sumsq)`` (h and h * w shaped as residual), else ``(h, None, None)``. No bias
-        (``fused_norm_rows(residual=True)`` is 0 with one)."""
-        assert self.bias is None, "a residual-fused layer has no bias"
+        ``(h, h * w, sumsq)`` (h and h * w shaped as residual), else ``(h, None, None)``. Fused by the
+        kernel up to ``fused_norm_rows(residual=True)`` rows (never with a bias, which comes first)."""
         x2 = x.reshape(-1, self.in_features)
-        buffers, shape = self.kernel_buffers(), self.shape
-        if x2.shape[0] <= self._fused_rows:
-            counter = self.get_buffer("fusion_counter")
+        counter = self._buffers.get("fusion_counter")  # there when asked as a residual matmul, without a bias
+        if counter is not None and x2.shape[0] <= self._fused_rows:
+            buffers, shape = self.kernel_buffers(), self.shape
             h, weighted, sumsq = self.kernel.matmul_residual(
                 x2, buffers, shape, residual, norm_weight, counter
             )
         else:
-            h, weighted, sumsq = QuantKernel.matmul_residual(
-                self.kernel, x2, buffers, shape, residual, norm_weight
-            )
+            h, weighted, sumsq = norm_fusion.add_residual(self(x2), residual, norm_weight)
         h = h.view(residual.shape)
         return h, None if weighted is None else weighted.view(residual.shape), sumsq
 
