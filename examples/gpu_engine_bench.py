@@ -18,7 +18,9 @@ Part `engine`:
 Part `lowbit` (issue 5): the model quantized in memory (round-to-nearest; int4 group 128; head int8)
 (SCHEMES=bf16,int8,int4; suffixes turn parts off for A/B runs: "-triton" the CUDA decode kernels, "-sdpa"
 the fused decode attention, "-nocutlass" the Hopper int8/int4 GEMM, "-nofusednorm" the norms and residual
-adds folded into the decode matmuls, e.g. SCHEMES=bf16,int4-nocutlass,int4) on the engine with llmopt's
+adds folded into the decode matmuls, "-nopdl" the decode kernels' programmatic launch; "-fuseone"
+turns the folded-in norms on at one row for int4 too; e.g. SCHEMES=bf16,int4-nocutlass,int4) on the
+engine with llmopt's
 kernels. First the quantized model's own transformers forward (the same QuantLinear kernels, unfused)
 against the engine (q/k/v and gate/up stacked, CUDA graphs, compiled), then `bench_candidate` at every
 batch size (BENCH=0 skips it), bf16 first as the same-run baseline; with BREAKDOWN=1 also each
@@ -46,6 +48,9 @@ from llmopt.bench.offline import BenchSpec, Candidate, bench_candidate
 from llmopt.engine import Engine, EngineConfig, SamplingParams
 from llmopt.engine.runner import DecoderRunner, PrefillChunk
 from llmopt.models import LoadSpec, load_model
+from llmopt.quant import cuda_gemv
+
+POLICY_FUSED_NORM_ROWS = dict(cuda_gemv.FUSED_NORM_ROWS)
 
 OUT = Path(os.environ.get("OUT", "bench-out"))
 MODEL = os.environ.get("MODEL", "llama-3-8b")
@@ -81,10 +86,15 @@ def timed(fn, reps: int) -> float:
     return start.elapsed_time(end) / reps
 
 
-def teacher_forced_errors(hf, seq: torch.Tensor) -> tuple[float, float]:
+def teacher_forced_errors(hf, seq: torch.Tensor, digest: list | None = None) -> tuple[float, float]:
     """(max |Δlogit| over 81 positions of each of seq's R rows, the reference logits' std) for the
     engine against transformers' forward: the R rows' prefill of 120 tokens as one batch (R <= 4: one
-    graph of 4 x 128 padded tokens), then 80 decode steps of all R rows (CUDA graphs, compiled)."""
+    graph of 4 x 128 padded tokens), then 80 decode steps of all R rows (CUDA graphs, compiled).
+    ``digest``: the engine's logits are hashed into it (sha256 of their bytes), so that two runs of the
+    same weights can be compared bit for bit (the kernels are deterministic)."""
+    import hashlib
+
+    hasher = hashlib.sha256()
     rows = seq.shape[0]
     with torch.no_grad():
         ref = hf(seq).logits.float()
@@ -98,6 +108,13 @@ def teacher_forced_errors(hf, seq: torch.Tensor) -> tuple[float, float]:
     for p in range(120, 200):
         logits = runner.decode(slots, seq[:, p], [p] * rows)
         errs += [(logits[r] - ref[r, p]).abs().max().item() for r in range(rows)]
+        hasher.update(logits.float().cpu().numpy().tobytes())
+    if digest is not None:  # and one row alone (the one-row kernels, the norms folded in)
+        digest.append(hasher.hexdigest()[:16])
+        runner.prefill([PrefillChunk(0, seq[0, :120].tolist(), 0, True)])  # slot 0: a one-row step
+        for p in range(120, 200):
+            hasher.update(runner.decode([0], seq[:1, p], [p]).float().cpu().numpy().tobytes())
+        digest.append(hasher.hexdigest()[:16])
     return max(errs), ref.std().item()
 
 
@@ -265,13 +282,19 @@ def apply_switches(scheme: str) -> str:
     """The scheme without its suffixes, which turn parts off for A/B runs: "-triton" the CUDA decode
     kernels (Triton at every row count), "-sdpa" the fused decode attention (index_put + SDPA),
     "-nocutlass" the Hopper int8/int4 GEMM (Triton / dequantize + cuBLAS past decode's rows),
-    "-nofusednorm" the norms and residual adds folded into the decode matmuls (norm_fusion); e.g.
-    int8-triton, bf16-sdpa, int8-nocutlass, int4-nofusednorm."""
+    "-nofusednorm" the norms and residual adds folded into the decode matmuls (norm_fusion), "-nopdl"
+    the decode kernels' programmatic launch (cuda_gemv); "-fuseone" turns the folded-in norms on at one
+    row where cuda_gemv.FUSED_NORM_ROWS leaves them off (int4); e.g. int8-triton, bf16-sdpa,
+    int8-nocutlass, int4-nofusednorm, int8-nopdl, int4-fuseone."""
     base, *off = scheme.split("-")
     os.environ["LLMOPT_CUDA_GEMV"] = "0" if "triton" in off else "1"
     os.environ["LLMOPT_TRITON_ATTENTION"] = "0" if "sdpa" in off else "1"
     os.environ["LLMOPT_CUTLASS"] = "0" if "nocutlass" in off else "1"
     os.environ["LLMOPT_FUSED_NORM"] = "0" if "nofusednorm" in off else "1"
+    os.environ["LLMOPT_PDL"] = "0" if "nopdl" in off else "1"
+    cuda_gemv.FUSED_NORM_ROWS.update(POLICY_FUSED_NORM_ROWS)
+    if "fuseone" in off:  # the norms folded in at one row whatever the policy says (int4)
+        cuda_gemv.FUSED_NORM_ROWS.update({key: max(1, rows) for key, rows in POLICY_FUSED_NORM_ROWS.items()})
     return base
 
 
@@ -291,9 +314,10 @@ def part_lowbit() -> None:
             seq = torch.randint(10, loaded.model.config.vocab_size, (3, 200), generator=gen).cuda()
             quantize_model_(loaded.model, QuantSpec(quantize))
             kernels = sorted({m.kernel.name for m in loaded.model.modules() if hasattr(m, "kernel")})
-            err, std = teacher_forced_errors(loaded.model, seq)
-            save("lowbit", f"{scheme}_engine_vs_own_forward", {"max_abs_err": err, "logit_std": std,
-                                                               "kernels": kernels})  # fmt: skip
+            digests: list[str] = []
+            err, std = teacher_forced_errors(loaded.model, seq, digests)
+            checked = {"max_abs_err": err, "logit_std": std, "kernels": kernels, "logit_digests": digests}
+            save("lowbit", f"{scheme}_engine_vs_own_forward", checked)
             del loaded
             torch.cuda.empty_cache()
         if os.environ.get("BENCH", "1") == "1":

@@ -9,8 +9,8 @@ Run from the repo root on the GPU machine:
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py split      # int8 decode: split-K set explicitly
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv       # CUDA decode kernels: work-shape sweep
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py gemv-mma   # the tensor-core decode kernel's
-                                  # (BASELINE_SOURCE=old/gemv_cuda.cu: that version's dispatch, same call;
-                                  # MMA_VARIANTS="-D.. -D..;-D..": build and time these -D sets instead)
+                                  # (both: BASELINE_SOURCE=old/gemv_cuda.cu: that version's dispatch, same
+                                  # call; MMA_VARIANTS="-D.. -D..;-D..": build and time these -D sets instead)
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py fused      # decode kernels with the norm / residual
                                   # folded in against without, per layer (FUSED_ROWS=1,8)
     PYTHONPATH=. python examples/gpu_lowbit_kernels.py cutlass    # the Hopper int8/int4 GEMM: configurations,
@@ -646,11 +646,19 @@ def gemv_variants() -> list[tuple[str, ...]]:
     return variants
 
 
+def env_variants() -> list[tuple[str, ...]] | None:
+    """The -D sets in MMA_VARIANTS, e.g. "-DMMA_WARPS=8 -DMMA_UNROLL=2;-DPDL_PREFETCH=0", to build and time
+    instead of a sweep's own list (None: not set)."""
+    if not os.environ.get("MMA_VARIANTS"):
+        return None
+    return [tuple(v.split()) for v in os.environ["MMA_VARIANTS"].split(";")]
+
+
 def mma_variants() -> list[tuple[str, ...]]:
     """Work shapes of the tensor-core decode kernel: warps per block x chunks in flight. (A version that
     staged the weights through shared memory was slower at every shape: BENCHMARKS.md §5.)"""
-    if os.environ.get("MMA_VARIANTS"):  # e.g. "-DMMA_WARPS=8 -DMMA_UNROLL=2;-DMMA_WARPS=16 -DINT4_MMA_FROM=2"
-        return [tuple(v.split()) for v in os.environ["MMA_VARIANTS"].split(";")]
+    if (variants := env_variants()) is not None:
+        return variants
     shapes = itertools.product((4, 8, 16), (1, 2, 4))
     return [(f"-DMMA_WARPS={w}", f"-DMMA_UNROLL={u}") for w, u in shapes]
 
@@ -681,7 +689,7 @@ def part_gemv(mma: bool) -> dict:
 
     copy_bw = copy_bandwidth()
     arch = cuda_gemv._arch(0)
-    variants = mma_variants() if mma else gemv_variants()
+    variants = mma_variants() if mma else (env_variants() or gemv_variants())
     with ThreadPoolExecutor(16) as pool:
         paths = list(pool.map(lambda d: cuda_gemv.build_library(arch, defines=d)[0], variants))
     libs = [cuda_gemv.load(p) for p in paths]
@@ -728,7 +736,7 @@ def part_gemv(mma: bool) -> dict:
 
                 for variant, lib in zip(variants, libs, strict=True):
                     mine = [d for d in variant if mma or d.startswith(f"-D{scheme.upper()}")]
-                    label = " ".join(d.split("_", 1)[1] for d in mine)
+                    label = " ".join(d.split("_", 1)[1] for d in mine) if mine else " ".join(variant)
                     measure(label, functools.partial(run_lib, lib=lib, forced=mma))
                 weight = b["weight_int8" if scheme == "int8" else "weight_int4"]
                 if cuda_gemv.usable(x, weight, k, shape.group_size):

@@ -2,8 +2,9 @@
 
 The kernels themselves run only on a GPU: examples/gpu_lowbit_kernels.py ``check`` compares them with
 a float64 reference there (odd shapes, NaN-poisoned outputs, a second run bit-identical) before any
-timing. Here: the source compiles with nvcc where nvcc is installed (this machine type has it), the
-library loads and agrees with the Python side on its row limits, CPU tensors never reach it, the
+timing. Here: the source compiles with nvcc where nvcc is installed (this machine type has it), for
+Ampere and Hopper, the library loads and agrees with the Python side on its row limits, its launch mode
+follows LLMOPT_PDL and the GPU's generation, CPU tensors never reach it, the
 row/shape limits, the load-time self-test's cases and tolerance (against stand-in kernels), and that
 a missing compiler or a pre-Ampere GPU gives one warning and the Triton path instead of an error.
 """
@@ -19,13 +20,44 @@ from llmopt.quant import cuda_gemv
 
 
 @pytest.mark.skipif(cuda_gemv.nvcc_path() is None, reason="nvcc is not installed here")
-def test_library_builds_and_loads(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])  # sm_90: the programmatic-launch instructions too
+def test_library_builds_and_loads(arch, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path))
-    path, seconds = cuda_gemv.build_library("sm_80")
+    path, seconds = cuda_gemv.build_library(arch)
     assert path.is_file() and seconds > 0
     lib = cuda_gemv.load(path)
     assert (lib.llmopt_gemv_max_rows(0), lib.llmopt_gemv_max_rows(1)) == (cuda_gemv.MAX_ROWS,) * 2
-    assert cuda_gemv.build_library("sm_80") == (path, 0.0)  # built once per key
+    assert lib.llmopt_set_programmatic_launch(1) == 0  # off until switched on
+    assert lib.llmopt_set_programmatic_launch(0) == 1
+    assert cuda_gemv.build_library(arch) == (path, 0.0)  # built once per key
+
+
+class FakeLibrary:
+    """Stands in for the loaded library: records how it was told to launch."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def llmopt_set_programmatic_launch(self, on: int) -> int:
+        self.calls.append(on)
+        return 0
+
+
+def test_programmatic_launch_follows_the_switch_and_the_gpu(monkeypatch):
+    lib = FakeLibrary()
+    monkeypatch.setattr(cuda_gemv, "_programmatic_capable", lambda device_index: True)
+    monkeypatch.delenv(cuda_gemv.PDL_ENV, raising=False)
+    cuda_gemv._set_launch_mode(lib, 0)
+    cuda_gemv._set_launch_mode(lib, 0)  # unchanged: the library is not called again
+    assert lib.calls == [1]
+    monkeypatch.setenv(cuda_gemv.PDL_ENV, "0")  # read at every call: an A/B run flips it in one process
+    cuda_gemv._set_launch_mode(lib, 0)
+    assert lib.calls == [1, 0]
+    monkeypatch.delenv(cuda_gemv.PDL_ENV)
+    monkeypatch.setattr(cuda_gemv, "_programmatic_capable", lambda device_index: False)  # before Hopper
+    cuda_gemv._set_launch_mode(lib, 0)
+    assert lib.calls == [1, 0] and not cuda_gemv.programmatic_launch(0)
+    cuda_gemv._set_launch_mode(object(), 0)  # an older build without the switch (sweeps): left alone
 
 
 def test_cpu_tensors_never_reach_the_library(monkeypatch):

@@ -17,6 +17,13 @@ Build (``native_build``): the first call compiles the source with nvcc for the G
 so CUDA graphs capture them. A self-test against float64 runs when the library loads. Where nvcc is
 missing, the build or the self-test fails, or the GPU predates Ampere, one warning says so and the
 Triton kernels do the work. ``LLMOPT_CUDA_GEMV=0`` turns the library off (for A/B measurements).
+
+On Hopper and later, the matmul after a folded-in norm (``fused_gemv`` with ``sumsq_in``, whose predecessor
+in the stream is the residual matmul that summed the norm's squares) is launched programmatically (the
+source's header explains it): it starts during that matmul's tail, its first weights on their way before it
+waits. ``LLMOPT_PDL=0`` launches it the ordinary way (A/B runs). ``LLMOPT_GEMV_DEFINES`` (e.g.
+``-DPDL_TRIGGER_LATE=0``) adds -D flags to the build the library loads, to time a compile-time variant in
+the engine.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ from llmopt.quant.native_build import BuildError, Unusable
 SOURCE = Path(__file__).parent / "csrc" / "gemv_cuda.cu"
 LIBRARY_NAME = "gemv_cuda"
 DISABLE_ENV = "LLMOPT_CUDA_GEMV"
+PDL_ENV = "LLMOPT_PDL"
+DEFINES_ENV = "LLMOPT_GEMV_DEFINES"  # extra -D flags for the build the library loads (A/B runs of a variant)
+PDL_MIN_CAPABILITY = (9, 0)  # griddepcontrol and the programmatic-serialization launch attribute
 NVCC_FLAGS = ("-O3", "-std=c++20", "-shared", "-Xcompiler", "-fPIC", "-DNDEBUG")
 # Row limits (csrc/gemv_cuda.cu): the CUDA-core kernels take 1-2 rows (kMaxRows; K a multiple of 16 for
 # int8, of the group for int4), the tensor-core kernel up to 16 (kMaxMmaRows: two n8 tiles; K a multiple
@@ -124,7 +134,32 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.llmopt_fused_gemv.restype = i32
     lib.llmopt_gemv_max_rows.argtypes = [i32]
     lib.llmopt_gemv_max_rows.restype = i32
+    if hasattr(lib, "llmopt_set_programmatic_launch"):  # (sweeps load older builds without it)
+        lib.llmopt_set_programmatic_launch.argtypes = [i32]
+        lib.llmopt_set_programmatic_launch.restype = i32
     return lib
+
+
+@functools.cache
+def _programmatic_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= PDL_MIN_CAPABILITY
+
+
+def programmatic_launch(device_index: int) -> bool:
+    """Whether the matmuls after a folded-in norm launch programmatically on this device: Hopper or later,
+    unless LLMOPT_PDL=0."""
+    return os.environ.get(PDL_ENV, "1") != "0" and _programmatic_capable(device_index)
+
+
+def _set_launch_mode(lib: ctypes.CDLL, device_index: int) -> None:
+    """Tell ``lib`` how to launch (``programmatic_launch``), when that changed since the last call: the
+    switch is read at every call, so an A/B run can flip it between models in one process."""
+    if not hasattr(lib, "llmopt_set_programmatic_launch"):  # an older build (sweeps)
+        return
+    want = programmatic_launch(device_index)
+    if getattr(lib, "launch_mode_programmatic", None) != want:  # (kept on the library object)
+        lib.llmopt_set_programmatic_launch(int(want))
+        setattr(lib, "launch_mode_programmatic", want)  # noqa: B010
 
 
 @functools.cache
@@ -143,7 +178,7 @@ def _library(device_index: int) -> ctypes.CDLL | None:
 
     return native_build.load_or_warn(
         "CUDA decode kernels",
-        lambda: build_library(_arch(device_index)),
+        lambda: build_library(_arch(device_index), defines=tuple(os.environ.get(DEFINES_ENV, "").split())),
         open_checked,
         consequence="int8/int4 decode uses the slower Triton kernels",
         unusable_fix="nothing on a GPU older than Ampere; a failed self-test is a bug to report. "
@@ -239,11 +274,12 @@ def fused_kernel_takes(m: int, n: int, k: int, group: int | None) -> bool:
     return ((m == 1 and k % 16 == 0) or k % 64 == 0) if group is None else k % 128 == 0
 
 
-# Up to how many rows the engine folds the norms in, per scheme: where it measured no slower (an H200,
+# Up to how many rows the engine folds the norms in, per scheme: where it measured faster (an H200,
 # Llama-3-8B, BENCHMARKS.md §5). The matmul ending a residual branch pays a ticket and its last block's
 # sum (+1.5 us int8, +2.5-2.8 us int4 on o/down at one row), the fused tensor-core kernels run 0.5-1 us
 # slower than their plain twins, and a standalone add + norm costs ~2.8 us: int8's one-row CUDA-core
-# kernel gains, int4 and 8 rows lose.
+# kernel gains, int4 and 8 rows lose. (With the matmul after the norm launched programmatically, int4 at one
+# row came out even: -0.3%, within noise.)
 FUSED_NORM_ROWS = {"int8": 1, "int4": 0}
 
 
@@ -300,6 +336,7 @@ def fused_gemv(
         pointer(sumsq_in), eps, pointer(residual), pointer(norm_weight), pointer(weighted),
         pointer(partials), pointer(sumsq_out), pointer(counter),
     )  # fmt: skip
+    _set_launch_mode(lib, x.device.index or 0)
     with torch.cuda.device(x.device):
         code = lib.llmopt_fused_gemv(
             int(zero is not None), x.data_ptr(), _DTYPE_CODES[x.dtype], weight.data_ptr(), scale.data_ptr(),

@@ -26,6 +26,20 @@
 // (N, K/2) bytes where, in every group of G inputs, byte j holds input j (low nibble) and input
 // j + G/2 (high nibble); per (row, group) a scale and a zero point stored as zp + 8.
 //
+// Programmatic dependent launch (Hopper on): where two of these kernels run back to back, the second's start
+// (launch, its first loads' latency) and the first's tail (its last blocks, the norm's cross-block sum) leave
+// the memory bus idle. Launched with the programmatic-serialization attribute, a kernel may start before the
+// one ahead of it in the stream has finished; it waits for that kernel (griddepcontrol.wait) before it
+// touches anything that kernel writes or reads (x, the residual, the norm's sums, its own outputs), and the
+// tensor-core kernel issues its first weight loads before the wait (no kernel writes weights). Every kernel
+// lets the next one launch (griddepcontrol.launch_dependents) once its main loop is done; both are no-ops in
+// a normal launch. Only the matmul after a folded-in norm is launched so (llmopt_set_programmatic_launch
+// switches it): but for the first layer's, the kernel ahead of it is the residual matmul that summed the
+// norm's squares. Measured on an H200 (BENCHMARKS.md §5): int8 at one row 1.5% less per step; launching
+// every matmul so cost int4 3% (its neighbours are Triton and inductor kernels, which never let it start
+// early), and asking L2 for weights before the wait (prefetch.global.L2, in every kernel) made them 0.5-3 us
+// slower each.
+//
 // Plain C entry points (no torch headers, so the library builds in seconds with nvcc alone); the
 // caller passes device pointers and the stream to launch on. They return the launch's cudaError_t.
 
@@ -63,6 +77,29 @@ __device__ __forceinline__ uint4 load_stream(const void* ptr) {
                : "l"(ptr));
   return v;
 }
+
+// ---- Programmatic dependent launch (see the header) ----
+// Blocks until the kernel ahead in the stream has finished and its writes are visible; a no-op when this
+// kernel was launched normally (or before Hopper).
+__device__ __forceinline__ void wait_for_prior_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Lets the next kernel in the stream launch once every block of this one has got here (or exited).
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Where a kernel lets the next one launch: right after its wait (0), or once its main loop is done (1: the
+// next one's blocks then take the SMs as this one's leave, instead of waiting beside them; int8 one row
+// 2.555 against 2.582 ms per step, measured with every matmul launched programmatically).
+#ifndef PDL_TRIGGER_LATE
+#define PDL_TRIGGER_LATE 1
+#endif
 
 __device__ __forceinline__ float load_scalar(const void* ptr, int64_t index, int dtype) {
   if (dtype == kBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(ptr)[index]);
@@ -268,6 +305,10 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(const T* __restrict
   constexpr int kStride = Team<R, KSPLIT>::kThreadsPerTeam;
   const int chunks = k / 16;
   float acc[R][M] = {};
+  // (The weights are not loaded before the wait here: with the first iteration's loads peeled off in front of it,
+  // ptxas gave the fused kernel 95 registers instead of 80, +2.5% per step at one row; BENCHMARKS.md §5.)
+  wait_for_prior_kernel();
+  if constexpr (!PDL_TRIGGER_LATE) allow_next_kernel();
   if constexpr (kFused) norm_sums_fetch(fusion, m_rows, norm_sumsq);
   for (int base = team.t; base < chunks; base += kStride * U) {
     uint4 wv[U][R];
@@ -305,6 +346,7 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(const T* __restrict
       }
     }
   }
+  if constexpr (PDL_TRIGGER_LATE) allow_next_kernel();
   const float total = team_sum<R, M, KSPLIT>(acc, partial);
   const int lane = threadIdx.x & 31, r = lane / M, m = lane % M;
   if constexpr (kFused) {
@@ -341,6 +383,8 @@ __global__ void __launch_bounds__(kThreads) int4_gemv_kernel(const T* __restrict
   const int chunks = k / 32;         // 16 bytes = 32 weights each
   const int groups = k / group;
   float acc[R][M] = {};
+  wait_for_prior_kernel();
+  if constexpr (!PDL_TRIGGER_LATE) allow_next_kernel();
   for (int base = team.t; base < chunks; base += kStride * U) {
     uint4 wv[U][R];
 #pragma unroll
@@ -399,6 +443,7 @@ __global__ void __launch_bounds__(kThreads) int4_gemv_kernel(const T* __restrict
       }
     }
   }
+  if constexpr (PDL_TRIGGER_LATE) allow_next_kernel();
   const float total = team_sum<R, M, KSPLIT>(acc, partial);
   const int lane = threadIdx.x & 31, r = lane / M, m = lane % M;
   if (team.writer && lane < R * M && m < m_rows && team.n0 + r < n) out[m * ldo + team.n0 + r] = from_float<T>(total);
@@ -698,6 +743,8 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
     next_a[u] = load_stream(base_a + chunk * 64);
     next_b[u] = load_stream(base_b + chunk * 64);
   }
+  wait_for_prior_kernel();  // (the first chunks' weights are on their way)
+  if constexpr (!PDL_TRIGGER_LATE) allow_next_kernel();
   if constexpr (kFused) norm_sums_fetch(fusion, m_rows, norm_sumsq);
   for (int first = warp; first < chunks; first += WARPS * U) {
     uint4 wa[U], wb[U];
@@ -716,9 +763,30 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
       mma_chunk<T, S, kMode, NT>(wa[u], wb[u], chunk * 64 + 16 * tig, group_shift, rows, x_row, acc);
     }
   }
+  if constexpr (PDL_TRIGGER_LATE) allow_next_kernel();
   if constexpr (kFused) norm_sums_wait();
   mma_finish<T, kMode, NT, WARPS, kFused>(acc, partial, row_a, row_b, n, m_rows, k, scale, scale_dtype, out, ldo,
                                           fusion, norm_sumsq);
+}
+
+// Whether the matmuls after a folded-in norm launch programmatically (llmopt_set_programmatic_launch).
+bool g_programmatic_launch = false;
+
+// kernel<<<grid, block, 0, stream>>>(args...); with the programmatic-serialization attribute when `programmatic`
+// and switched on (see the header).
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, int block, cudaStream_t stream, bool programmatic,
+                   Args... args) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(block);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = g_programmatic_launch && programmatic ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
 template <typename T, typename S, int kMode, int NT, int WARPS, int U>
@@ -731,13 +799,12 @@ cudaError_t launch_mma_shape(const void* x, const void* w, const void* scale, in
   const auto* wt = static_cast<const uint8_t*>(w);
   const auto* zt = static_cast<const uint8_t*>(zero);
   if (fusion != nullptr) {
-    mma_gemv_kernel<T, S, kMode, NT, WARPS, U, true><<<grid, WARPS * 32, 0, stream>>>(
-        xt, wt, scale, scale_dtype, zt, static_cast<T*>(out), m, n, k, shift, ldx, ldo, *fusion);
-  } else {
-    mma_gemv_kernel<T, S, kMode, NT, WARPS, U><<<grid, WARPS * 32, 0, stream>>>(
-        xt, wt, scale, scale_dtype, zt, static_cast<T*>(out), m, n, k, shift, ldx, ldo);
+    const bool after_norm = fusion->sumsq_in != nullptr;  // (the header: programmatic launch)
+    return launch(mma_gemv_kernel<T, S, kMode, NT, WARPS, U, true>, grid, WARPS * 32, stream, after_norm, xt, wt,
+                  scale, scale_dtype, zt, static_cast<T*>(out), m, n, k, shift, ldx, ldo, *fusion);
   }
-  return cudaGetLastError();
+  return launch(mma_gemv_kernel<T, S, kMode, NT, WARPS, U>, grid, WARPS * 32, stream, false, xt, wt, scale,
+                scale_dtype, zt, static_cast<T*>(out), m, n, k, shift, ldx, ldo, Fusion{});
 }
 
 // Warps per block (a block is 16 channels; its warps split K), from a sweep of 9 shapes (4, 8 or 16 warps x
@@ -839,10 +906,9 @@ cudaError_t launch_int8(const void* x, const void* w, const void* scale, int sca
                         int k, int64_t ldx, int64_t ldo, cudaStream_t stream) {
   using S = Int8Shape<M>;
   const dim3 grid((n + S::kRowsPerBlock - 1) / S::kRowsPerBlock);
-  int8_gemv_kernel<T, S::R, M, S::U, S::KSPLIT><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const int8_t*>(w), scale, scale_dtype, static_cast<T*>(out), m, n, k, ldx,
-      ldo);
-  return cudaGetLastError();
+  return launch(int8_gemv_kernel<T, S::R, M, S::U, S::KSPLIT>, grid, kThreads, stream, false,
+                static_cast<const T*>(x), static_cast<const int8_t*>(w), scale, scale_dtype, static_cast<T*>(out), m,
+                n, k, ldx, ldo, Fusion{});
 }
 
 // int8's one-row CUDA-core kernel with a fused norm / residual: its default work shape (one team of 8 channels
@@ -855,10 +921,10 @@ cudaError_t launch_int8_fused(const void* x, const void* w, const void* scale, i
   if constexpr (kInt8CoreFuses) {
     using S = Int8Shape<1>;
     const dim3 grid((n + S::kRowsPerBlock - 1) / S::kRowsPerBlock);
-    int8_gemv_kernel<T, S::R, 1, S::U, S::KSPLIT, true><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const int8_t*>(w), scale, scale_dtype, static_cast<T*>(out), 1, n, k,
-        ldx, ldo, fusion);
-    return cudaGetLastError();
+    const bool after_norm = fusion.sumsq_in != nullptr;  // (the header: programmatic launch)
+    return launch(int8_gemv_kernel<T, S::R, 1, S::U, S::KSPLIT, true>, grid, kThreads, stream, after_norm,
+                  static_cast<const T*>(x), static_cast<const int8_t*>(w), scale, scale_dtype, static_cast<T*>(out), 1,
+                  n, k, ldx, ldo, fusion);
   } else {
     return cudaErrorInvalidValue;
   }
@@ -869,10 +935,9 @@ cudaError_t launch_int4(const void* x, const void* w, const void* scale, int sca
                         int m, int n, int k, int group, int64_t ldx, int64_t ldo, cudaStream_t stream) {
   using S = Int4Shape<M>;
   const dim3 grid((n + S::kRowsPerBlock - 1) / S::kRowsPerBlock);
-  int4_gemv_kernel<T, S::R, M, S::U, S::KSPLIT><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const uint8_t*>(w), scale, scale_dtype, static_cast<const uint8_t*>(zero),
-      static_cast<T*>(out), m, n, k, group, ldx, ldo);
-  return cudaGetLastError();
+  return launch(int4_gemv_kernel<T, S::R, M, S::U, S::KSPLIT>, grid, kThreads, stream, false, static_cast<const T*>(x),
+                static_cast<const uint8_t*>(w), scale, scale_dtype, static_cast<const uint8_t*>(zero),
+                static_cast<T*>(out), m, n, k, group, ldx, ldo);
 }
 
 // Dispatch on x's dtype and the row count (1 or 2).
@@ -894,6 +959,14 @@ bool int4_group_ok(int group, int k) { return group >= 32 && (group & (group - 1
 }  // namespace
 
 extern "C" {
+
+// Launch the matmuls after a folded-in norm with the programmatic-serialization attribute (on: nonzero) or
+// normally; see the header. Hopper or later (compute capability 9.0). Returns the previous setting.
+int llmopt_set_programmatic_launch(int on) {
+  const int previous = g_programmatic_launch;
+  g_programmatic_launch = on != 0;
+  return previous;
+}
 
 // The largest row count llmopt_int8_gemv (scheme 0) and llmopt_int4_gemv (scheme 1) take.
 int llmopt_gemv_max_rows(int scheme) { return kMaxMmaRows; }
