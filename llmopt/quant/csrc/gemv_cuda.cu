@@ -31,14 +31,17 @@
 // the memory bus idle. Launched with the programmatic-serialization attribute, a kernel may start before the
 // one ahead of it in the stream has finished; it waits for that kernel (griddepcontrol.wait) before it
 // touches anything that kernel writes or reads (x, the residual, the norm's sums, its own outputs), and the
-// tensor-core kernel issues its first weight loads before the wait (no kernel writes weights). Every kernel
-// lets the next one launch (griddepcontrol.launch_dependents) once its main loop is done; both are no-ops in
-// a normal launch. Only the matmul after a folded-in norm is launched so (llmopt_set_programmatic_launch
-// switches it): but for the first layer's, the kernel ahead of it is the residual matmul that summed the
-// norm's squares. Measured on an H200 (BENCHMARKS.md §5): int8 at one row 1.5% less per step; launching
-// every matmul so cost int4 3% (its neighbours are Triton and inductor kernels, which never let it start
-// early), and asking L2 for weights before the wait (prefetch.global.L2, in every kernel) made them 0.5-3 us
-// slower each.
+// tensor-core kernel issues its first weight loads before the wait (no kernel writes weights). A kernel lets
+// the next one launch with griddepcontrol.launch_dependents: the CUDA-core kernels once their main loop is
+// done (the next grid's blocks then take the SMs as these leave, instead of waiting beside them: int8 at one
+// row 1.1% less per step than right after the wait), the tensor-core kernel right after its wait (there,
+// after the loop cost int4 4% per step, even with no kernel launched programmatically). Both instructions
+// are no-ops in a normal launch. Only the matmul after a folded-in norm is launched so
+// (llmopt_set_programmatic_launch switches it): but for the first layer's, the kernel ahead of it is the
+// residual matmul that summed the norm's squares. Measured on an H200 (BENCHMARKS.md §5): int8 at one row
+// 1.5% less per step; launching every matmul so cost int4 3% (its neighbours are Triton and inductor
+// kernels, which never let it start early), and asking L2 for weights before the wait (prefetch.global.L2,
+// in every kernel) made them 0.5-3 us slower each.
 //
 // Plain C entry points (no torch headers, so the library builds in seconds with nvcc alone); the
 // caller passes device pointers and the stream to launch on. They return the launch's cudaError_t.
@@ -93,13 +96,6 @@ __device__ __forceinline__ void allow_next_kernel() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
-
-// Where a kernel lets the next one launch: right after its wait (0), or once its main loop is done (1: the
-// next one's blocks then take the SMs as this one's leave, instead of waiting beside them; int8 one row
-// 2.555 against 2.582 ms per step, measured with every matmul launched programmatically).
-#ifndef PDL_TRIGGER_LATE
-#define PDL_TRIGGER_LATE 1
-#endif
 
 __device__ __forceinline__ float load_scalar(const void* ptr, int64_t index, int dtype) {
   if (dtype == kBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(ptr)[index]);
@@ -308,7 +304,6 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(const T* __restrict
   // (The weights are not loaded before the wait here: with the first iteration's loads peeled off in front of it,
   // ptxas gave the fused kernel 95 registers instead of 80, +2.5% per step at one row; BENCHMARKS.md §5.)
   wait_for_prior_kernel();
-  if constexpr (!PDL_TRIGGER_LATE) allow_next_kernel();
   if constexpr (kFused) norm_sums_fetch(fusion, m_rows, norm_sumsq);
   for (int base = team.t; base < chunks; base += kStride * U) {
     uint4 wv[U][R];
@@ -346,7 +341,7 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(const T* __restrict
       }
     }
   }
-  if constexpr (PDL_TRIGGER_LATE) allow_next_kernel();
+  allow_next_kernel();  // after the main loop (the header says why)
   const float total = team_sum<R, M, KSPLIT>(acc, partial);
   const int lane = threadIdx.x & 31, r = lane / M, m = lane % M;
   if constexpr (kFused) {
@@ -384,7 +379,6 @@ __global__ void __launch_bounds__(kThreads) int4_gemv_kernel(const T* __restrict
   const int groups = k / group;
   float acc[R][M] = {};
   wait_for_prior_kernel();
-  if constexpr (!PDL_TRIGGER_LATE) allow_next_kernel();
   for (int base = team.t; base < chunks; base += kStride * U) {
     uint4 wv[U][R];
 #pragma unroll
@@ -443,7 +437,7 @@ __global__ void __launch_bounds__(kThreads) int4_gemv_kernel(const T* __restrict
       }
     }
   }
-  if constexpr (PDL_TRIGGER_LATE) allow_next_kernel();
+  allow_next_kernel();  // after the main loop (the header says why)
   const float total = team_sum<R, M, KSPLIT>(acc, partial);
   const int lane = threadIdx.x & 31, r = lane / M, m = lane % M;
   if (team.writer && lane < R * M && m < m_rows && team.n0 + r < n) out[m * ldo + team.n0 + r] = from_float<T>(total);
@@ -744,7 +738,7 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
     next_b[u] = load_stream(base_b + chunk * 64);
   }
   wait_for_prior_kernel();  // (the first chunks' weights are on their way)
-  if constexpr (!PDL_TRIGGER_LATE) allow_next_kernel();
+  allow_next_kernel();       // right after the wait (the header says why)
   if constexpr (kFused) norm_sums_fetch(fusion, m_rows, norm_sumsq);
   for (int first = warp; first < chunks; first += WARPS * U) {
     uint4 wa[U], wb[U];
@@ -763,7 +757,6 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
       mma_chunk<T, S, kMode, NT>(wa[u], wb[u], chunk * 64 + 16 * tig, group_shift, rows, x_row, acc);
     }
   }
-  if constexpr (PDL_TRIGGER_LATE) allow_next_kernel();
   if constexpr (kFused) norm_sums_wait();
   mma_finish<T, kMode, NT, WARPS, kFused>(acc, partial, row_a, row_b, n, m_rows, k, scale, scale_dtype, out, ldo,
                                           fusion, norm_sumsq);
