@@ -647,7 +647,7 @@ def gemv_variants() -> list[tuple[str, ...]]:
 
 
 def env_variants() -> list[tuple[str, ...]] | None:
-    """The -D sets in MMA_VARIANTS, e.g. "-DMMA_WARPS=8 -DMMA_UNROLL=2;-DPDL_PREFETCH=0", to build and time
+    """The -D sets in MMA_VARIANTS, e.g. "-DMMA_WARPS=8 -DMMA_UNROLL=2;-DINT8_MMA_FROM=1", to build and time
     instead of a sweep's own list (None: not set)."""
     if not os.environ.get("MMA_VARIANTS"):
         return None
