@@ -20,10 +20,10 @@ Triton kernels do the work. ``LLMOPT_CUDA_GEMV=0`` turns the library off (for A/
 
 On Hopper and later, the matmul after a folded-in norm (``fused_gemv`` with ``sumsq_in``, whose predecessor
 in the stream is the residual matmul that summed the norm's squares) is launched programmatically (the
-source's header explains it): it starts during that matmul's tail and waits for it before reading its
-outputs (the tensor-core kernel with its first weights already on their way). ``LLMOPT_PDL=0`` launches it
-the ordinary way (A/B runs). ``LLMOPT_GEMV_DEFINES`` (e.g. ``-DINT8_MMA_FROM=1``) adds -D flags to the build
-the library loads, to time a compile-time variant in the engine.
+source's header explains it): it launches and starts its blocks during that matmul's tail, and waits for it
+before reading anything. ``LLMOPT_PDL=0`` launches it the ordinary way (A/B runs). ``LLMOPT_GEMV_DEFINES``
+(e.g. ``-DINT8_MMA_FROM=1``) adds -D flags to the build the library loads, to time a compile-time variant in
+the engine.
 """
 
 from __future__ import annotations

@@ -27,21 +27,22 @@
 // j + G/2 (high nibble); per (row, group) a scale and a zero point stored as zp + 8.
 //
 // Programmatic dependent launch (Hopper on): where two of these kernels run back to back, the second's start
-// (launch, its first loads' latency) and the first's tail (its last blocks, the norm's cross-block sum) leave
-// the memory bus idle. Launched with the programmatic-serialization attribute, a kernel may start before the
-// one ahead of it in the stream has finished; it waits for that kernel (griddepcontrol.wait) before it
-// touches anything that kernel writes or reads (x, the residual, the norm's sums, its own outputs), and the
-// tensor-core kernel issues its first weight loads before the wait (no kernel writes weights). A kernel lets
-// the next one launch with griddepcontrol.launch_dependents: the CUDA-core kernels once their main loop is
-// done (the next grid's blocks then take the SMs as these leave, instead of waiting beside them: int8 at one
-// row 1.1% less per step than right after the wait), the tensor-core kernel right after its wait (there,
-// after the loop cost int4 4% per step, even with no kernel launched programmatically). Both instructions
-// are no-ops in a normal launch. Only the matmul after a folded-in norm is launched so
-// (llmopt_set_programmatic_launch switches it): but for the first layer's, the kernel ahead of it is the
-// residual matmul that summed the norm's squares. Measured on an H200 (BENCHMARKS.md §5): int8 at one row
-// 1.5% less per step; launching every matmul so cost int4 3% (its neighbours are Triton and inductor
-// kernels, which never let it start early), and asking L2 for weights before the wait (prefetch.global.L2,
-// in every kernel) made them 0.5-3 us slower each.
+// (launch, its first loads' latency) and the first's tail (its last blocks, the norm's cross-block sum) leave the
+// memory bus idle. Launched with the programmatic-serialization attribute, a kernel may start before the one ahead
+// of it in the stream has finished; it waits for that kernel (griddepcontrol.wait) before it touches anything that
+// kernel writes or reads (x, the residual, the norm's sums, its own outputs). (Weights could be read before it, no
+// kernel writes them; but ptxas schedules the wait, ACQBULK in the SASS, ahead of the tensor-core kernel's first
+// weight loads although the source issues them first, and the CUDA-core kernels measured slower with loads or L2
+// prefetches in front of it.) A kernel lets the next one launch with griddepcontrol.launch_dependents: the CUDA-core
+// kernels once their main loop is done (the next grid's blocks then take the SMs as these leave, instead of waiting
+// beside them: int8 at one row 1.1% less per step than right after the wait), the tensor-core kernel right after its
+// wait (there, after the loop cost int4 4% per step, even with no kernel launched programmatically). Both
+// instructions are no-ops in a normal launch. Only the matmul after a folded-in norm is launched so
+// (llmopt_set_programmatic_launch switches it): but for the first layer's, the kernel ahead of it is the residual
+// matmul that summed the norm's squares. Measured on an H200 (BENCHMARKS.md §5): int8 at one row 1.5% less per step;
+// launching every matmul so cost int4 3% (its neighbours are Triton and inductor kernels, which never let it start
+// early), and asking L2 for weights before the wait (prefetch.global.L2, in every kernel) made them 0.5-3 us slower
+// each.
 //
 // Plain C entry points (no torch headers, so the library builds in seconds with nvcc alone); the
 // caller passes device pointers and the stream to launch on. They return the launch's cudaError_t.
@@ -737,7 +738,7 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
     next_a[u] = load_stream(base_a + chunk * 64);
     next_b[u] = load_stream(base_b + chunk * 64);
   }
-  wait_for_prior_kernel();  // (the first chunks' weights are on their way)
+  wait_for_prior_kernel();  // (ptxas moves it ahead of the loads above: the header)
   allow_next_kernel();       // right after the wait (the header says why)
   if constexpr (kFused) norm_sums_fetch(fusion, m_rows, norm_sumsq);
   for (int first = warp; first < chunks; first += WARPS * U) {
