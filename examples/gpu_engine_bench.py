@@ -283,15 +283,17 @@ def apply_switches(scheme: str) -> str:
     """The scheme without its suffixes, which turn parts off for A/B runs: "-triton" the CUDA decode
     kernels (Triton at every row count), "-sdpa" the fused decode attention (index_put + SDPA),
     "-nocutlass" the Hopper int8/int4 GEMM (Triton / dequantize + cuBLAS past decode's rows),
-    "-nofusednorm" the norms and residual adds folded into the decode matmuls (norm_fusion), "-nopdl"
-    the decode kernels' programmatic launch (cuda_gemv); "-fuseone" turns the folded-in norms on at one
-    row where cuda_gemv.FUSED_NORM_ROWS leaves them off (int4); e.g. int8-triton, bf16-sdpa,
-    int8-nocutlass, int4-nofusednorm, int8-nopdl, int4-fuseone."""
+    "-nofusednorm" the norms and residual adds folded into the decode matmuls (norm_fusion), "-nosilu" the
+    SiLU product folded into gate/up's, "-nopdl" the decode kernels' programmatic launch (cuda_gemv);
+    "-fuseone" turns the folded-in norms on at one row where cuda_gemv.FUSED_NORM_ROWS leaves them off
+    (int4); e.g. int8-triton, bf16-sdpa, int8-nocutlass, int4-nofusednorm, int4-nosilu, int8-nopdl,
+    int4-fuseone."""
     base, *off = scheme.split("-")
     os.environ["LLMOPT_CUDA_GEMV"] = "0" if "triton" in off else "1"
     os.environ["LLMOPT_TRITON_ATTENTION"] = "0" if "sdpa" in off else "1"
     os.environ["LLMOPT_CUTLASS"] = "0" if "nocutlass" in off else "1"
     os.environ["LLMOPT_FUSED_NORM"] = "0" if "nofusednorm" in off else "1"
+    os.environ["LLMOPT_FUSED_SILU"] = "0" if "nosilu" in off else "1"
     os.environ["LLMOPT_PDL"] = "0" if "nopdl" in off else "1"
     cuda_gemv.FUSED_NORM_ROWS.update(POLICY_FUSED_NORM_ROWS)
     if "fuseone" in off:  # the norms folded in at one row whatever the policy says (int4)

@@ -182,15 +182,17 @@ def part_check() -> dict:
     # kernels) and 128 rows (the Hopper int8 / int4 GEMM, stream-K workspace and all).
     graph_err = max(graph_check(m, scheme) for m in (2, 128) for scheme in ("int8", "int4"))
     rows += fused_check()
+    rows += gated_check()
     result = {"cases": rows, "all_ok": all(r["ok"] for r in rows), "graph_rel_err": graph_err}
     worst = max(r["rel_err"] for r in rows)
     n_cuda = sum(r["path"] == "cuda" for r in rows)
     n_cutlass = sum(r["path"] == "cutlass" for r in rows)
     n_fused = sum(r["path"] == "cuda-fused" for r in rows)
+    n_gated = sum(r["path"] == "cuda-gated" for r in rows)
     print(
         f"check: {len(rows)} cases ({n_cuda} on the CUDA decode kernels, {n_fused} with the norm / residual "
-        f"folded in, {n_cutlass} on the Hopper int8/int4 GEMM), all_ok={result['all_ok']}, "
-        f"worst rel_err {worst:.2e}, graph {graph_err:.2e}"
+        f"folded in, {n_gated} with the SiLU product, {n_cutlass} on the Hopper int8/int4 GEMM), "
+        f"all_ok={result['all_ok']}, worst rel_err {worst:.2e}, graph {graph_err:.2e}"
     )
     for r in rows:
         if not r["ok"]:
@@ -261,6 +263,50 @@ def fused_check() -> list[dict]:
                      "rel_err_normed": err_normed, "rel_err_residual": err_h,
                      "weighted_exact": weighted_exact, "sumsq_rel_err": sumsq_err,
                      "deterministic": deterministic, "counter_zero": counter_zero, "ok": ok})  # fmt: skip
+    return rows
+
+
+def gated_check() -> list[dict]:
+    """The SiLU product folded into the CUDA decode kernels (``cuda_gemv.fused_gemv(gated=True)``, the
+    weight's channels interleaved gate/up pairs) against float64: each output rounded to the activation
+    type, then silu(gate) * up; plain and after a norm (x = h * w, sums times rstd). Outputs NaN-poisoned
+    (half as wide), a second run bit-identical; int8 at one row runs the CUDA-core kernel, the rest the
+    tensor-core one."""
+    from llmopt.quant import norm_fusion
+
+    rows = []
+    eps = 1e-5
+    cases = [("int8", 1, 28672, 4096), ("int8", 1, 1000, 1040), ("int8", 3, 334, 4096),
+             ("int8", 16, 4096, 4096), ("int4", 1, 28672, 4096), ("int4", 5, 1000, 1024),
+             ("int4", 16, 4104, 4096), ("int4", 9, 38, 1408)]  # fmt: skip
+    for (scheme, m, n, k), dtype, after_norm in itertools.product(cases, (torch.bfloat16, torch.float16),
+                                                                  (False, True)):  # fmt: skip
+        group = None if scheme == "int8" else GROUP if k % GROUP == 0 else 32
+        q, s, zp, deq = make_layer(scheme, n, k, dtype, group=group)
+        kernel = tk.TritonInt8Kernel() if scheme == "int8" else tk.TritonInt4Kernel()
+        b = kernel.prepare(q, s, zp, LayerShape(scheme, k, n, group), DEV, dtype)
+        weight = b["weight_int8" if scheme == "int8" else "weight_int4"]
+        zero = None if scheme == "int8" else b["zeros"]
+        h = torch.randn(m, k, device=DEV, dtype=dtype)
+        x, sumsq = norm_fusion.norm_inputs(h, (1 + 0.3 * torch.randn(k, device=DEV)).to(dtype))
+        if not after_norm:
+            x, sumsq = h, None
+
+        def run(x=x, sumsq=sumsq, weight=weight, zero=zero, b=b, group=group, m=m, n=n):
+            out = torch.full((m, n // 2), float("nan"), device=DEV, dtype=x.dtype)
+            return cuda_gemv.fused_gemv(x, weight, b["scales"], zero, group or 0, out, sumsq_in=sumsq,
+                                        eps=eps, gated=True)  # fmt: skip
+
+        got = run()
+        y = x.double() @ deq.double().T
+        if sumsq is not None:
+            y = y * torch.rsqrt(sumsq.double()[:, None] / k + eps)
+        y = y.to(dtype).double()  # (each output rounded, as a matmul's)
+        err = rel_err(got, torch.nn.functional.silu(y[:, 0::2]) * y[:, 1::2])
+        deterministic = bool(torch.equal(got, run()))
+        rows.append({"scheme": scheme, "m": m, "n": n, "k": k, "group": group, "dtype": str(dtype),
+                     "after_norm": after_norm, "path": "cuda-gated", "rel_err": err,
+                     "deterministic": deterministic, "ok": err < 1e-2 and deterministic})  # fmt: skip
     return rows
 
 

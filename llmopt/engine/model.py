@@ -30,6 +30,7 @@ from torch import nn
 
 from llmopt.engine.kv_cache import KVCache
 from llmopt.quant import norm_fusion
+from llmopt.quant.kernels import stack_channels
 from llmopt.quant.linear import QuantLinear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -147,14 +148,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 
 class Projections(nn.Module):
     """Several linears over the same input as one matmul: float weights concatenated, or quantized
-    ones stacked where their kernel's layout allows (else each module runs as loaded)."""
+    ones stacked where their kernel's layout allows (else each module runs as loaded). ``interleave``
+    (layers of one size): their channels alternate instead of following one another (``stack_channels``),
+    which lets a gate/up kernel pair its outputs for the SiLU product (``gated``)."""
 
-    def __init__(self, modules: list[Any]) -> None:
+    def __init__(self, modules: list[Any], interleave: bool = False) -> None:
         super().__init__()
         self.sizes = [int(m.out_features) for m in modules]
+        interleave = interleave and len(set(self.sizes)) == 1
         fusable = all(type(m) is nn.Linear for m in modules) and len({m.weight.dtype for m in modules}) == 1
+        self.interleaved = False  # (one stacked part with alternating channels)
         if fusable and len(modules) > 1:
-            weight = torch.cat([m.weight.detach() for m in modules])
+            weight = stack_channels([m.weight.detach() for m in modules], 0, interleave)
             has_bias = any(m.bias is not None for m in modules)
             fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
             fused.weight = nn.Parameter(weight, requires_grad=False)
@@ -163,32 +168,56 @@ class Projections(nn.Module):
                     m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features)
                     for m in modules
                 ]
-                fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+                fused.bias = nn.Parameter(stack_channels(biases, 0, interleave), requires_grad=False)
             for m in modules:  # release the originals now: the fused copy replaces them
                 m.weight = None
                 m.bias = None
             self.parts = nn.ModuleList([fused])
+            self.interleaved = interleave
         elif len(modules) > 1 and all(isinstance(m, QuantLinear) for m in modules):
-            fused_quant = QuantLinear.fuse(modules)  # the integers stacked: one low-bit matmul
+            fused_quant = QuantLinear.fuse(modules, interleave)  # the integers stacked: one low-bit matmul
             if fused_quant is not None:
                 for m in modules:  # the stacked copy replaces them
                     m.release()
             self.parts = nn.ModuleList([fused_quant] if fused_quant is not None else modules)
+            self.interleaved = interleave and fused_quant is not None
         else:
             self.parts = nn.ModuleList(modules)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if len(self.parts) == 1 and len(self.sizes) > 1:
-            return tuple(self.parts[0](x).split(self.sizes, dim=-1))
-        return tuple(part(x) for part in self.parts)
+    def _outputs(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The stacked part's output as each layer's."""
+        if self.interleaved:
+            return y.unflatten(-1, (-1, len(self.sizes))).unbind(-1)
+        return tuple(y.split(self.sizes, dim=-1))
 
-    def forward_normed(self, x: torch.Tensor, sumsq: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
-        """As forward, over ``norm(h)`` given as ``norm_fusion.norm_inputs(h, w)`` (quantized parts only)."""
-        parts = [part for part in self.parts if isinstance(part, QuantLinear)]
-        assert len(parts) == len(self.parts), "only quantized projections fold a norm in"
-        if len(parts) == 1 and len(self.sizes) > 1:
-            return tuple(parts[0].forward_normed(x, sumsq, eps).split(self.sizes, dim=-1))
-        return tuple(part.forward_normed(x, sumsq, eps) for part in parts)
+    def forward(
+        self, x: torch.Tensor, sumsq: torch.Tensor | None = None, eps: float = 0.0
+    ) -> tuple[torch.Tensor, ...]:
+        """Each layer's output over x, or over ``norm(h)`` given x, sumsq = ``norm_fusion.norm_inputs(h, w)``
+        (quantized parts only)."""
+        if sumsq is None:
+            outputs = [part(x) for part in self.parts]
+        else:
+            assert all(isinstance(part, QuantLinear) for part in self.parts), (
+                "only quantized layers fold a norm in"
+            )
+            outputs = [cast(QuantLinear, part).forward_normed(x, sumsq, eps) for part in self.parts]
+        return self._outputs(outputs[0]) if len(outputs) < len(self.sizes) else tuple(outputs)
+
+    def gated(self, x: torch.Tensor, sumsq: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+        """``silu(gate) * up`` of [gate, up] projections, over x or ``norm(h)`` (as ``forward``): inside the
+        low-bit kernel where its channels are interleaved (``QuantLinear.forward_gated``), else from the two
+        outputs."""
+        part = self.parts[0]
+        if self.interleaved and isinstance(part, QuantLinear):
+            return part.forward_gated(x, sumsq, eps)
+        gate, up = self.forward(x, sumsq, eps)
+        return F.silu(gate) * up
+
+    def gated_rows(self, dtype: torch.dtype) -> int:
+        """Up to how many rows ``gated`` runs inside the kernel (``QuantLinear.gated_rows``); 0 otherwise."""
+        part = self.parts[0]
+        return part.gated_rows(dtype) if self.interleaved and isinstance(part, QuantLinear) else 0
 
 
 def fused_norm_rows(module: nn.Module, dtype: torch.dtype, residual: bool = False) -> int:
@@ -221,7 +250,7 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = hf_layer.post_attention_layernorm.weight
         self.qkv = Projections([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = attn.o_proj
-        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj])
+        self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], interleave=True)  # (the SiLU product: gated)
         self.down_proj = mlp.down_proj
         self.q_norm = attn.q_norm.weight if spec.qk_norm else None
         self.k_norm = attn.k_norm.weight if spec.qk_norm else None
@@ -230,7 +259,9 @@ class DecoderLayer(nn.Module):
 
     def fuse_norms(self, dtype: torch.dtype) -> None:
         """Fold the norms and residual adds into the low-bit decode matmuls where their kernels can
-        (``norm_fusion``), unless LLMOPT_FUSED_NORM=0. Decided once, here: it looks at the weights."""
+        (``norm_fusion``), unless LLMOPT_FUSED_NORM=0, and the SiLU product into gate/up's unless
+        LLMOPT_FUSED_SILU=0. Decided once, here: it looks at the weights."""
+        self.gate_up.gated_rows(dtype)
         if norm_fusion.enabled():
             self.fused_rows = FusedRows(
                 qkv=fused_norm_rows(self.qkv, dtype),
@@ -262,7 +293,7 @@ class DecoderLayer(nn.Module):
         rows), so that this layer's down_proj makes its input. Returns the new x and that input."""
         spec = self.spec
         b, t, _ = x.shape
-        q, k, v = self._normed(self.qkv, self.fused_rows.qkv, x, self.attn_norm, normed)
+        q, k, v = self.qkv(*self._norm_args(self.fused_rows.qkv, x, self.attn_norm, normed))
         q = q.view(b, t, spec.n_heads, spec.head_dim)
         k = k.view(b, t, spec.n_kv_heads, spec.head_dim)
         v = v.view(b, t, spec.n_kv_heads, spec.head_dim)
@@ -316,30 +347,25 @@ class DecoderLayer(nn.Module):
         """x + o_proj(attention), then the MLP block with its residual."""
         x, normed = self._residual(self.o_proj, self.fused_rows.o_proj, attention, x, self.mlp_norm,
                                    self._fuses(self.fused_rows.gate_up, x))  # fmt: skip
-        gate, up = self._normed(self.gate_up, self.fused_rows.gate_up, x, self.mlp_norm, normed)
-        return self._residual(self.down_proj, self.fused_rows.down_proj, F.silu(gate) * up, x, next_norm,
+        activation = self.gate_up.gated(*self._norm_args(self.fused_rows.gate_up, x, self.mlp_norm, normed))
+        return self._residual(self.down_proj, self.fused_rows.down_proj, activation, x, next_norm,
                               next_norm is not None)  # fmt: skip
 
     @staticmethod
     def _fuses(limit: int, x: torch.Tensor) -> bool:
         return x.shape[0] * x.shape[1] <= limit
 
-    def _normed(
-        self,
-        proj: Projections,
-        limit: int,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        normed: norm_fusion.Fused | None,
-    ) -> tuple[torch.Tensor, ...]:
-        """proj(rms_norm(x, weight)): folded into the matmul where it takes these rows (from ``normed``
-        when the previous matmul made it), else as written."""
+    def _norm_args(
+        self, limit: int, x: torch.Tensor, weight: torch.Tensor, normed: norm_fusion.Fused | None
+    ) -> tuple[torch.Tensor] | tuple[torch.Tensor, torch.Tensor, float]:
+        """What a projection (``Projections.forward`` / ``gated``) takes for ``rms_norm(x, weight)``: the
+        norm's inputs to fold in, where it takes these rows (from ``normed`` when the previous matmul made
+        them), else the norm's output."""
         eps = self.spec.rms_eps
         if not self._fuses(limit, x):
-            return proj(rms_norm(x, weight, eps))
-        if normed is None:
-            normed = norm_fusion.norm_inputs(x, weight)
-        return proj.forward_normed(*normed, eps)
+            return (rms_norm(x, weight, eps),)
+        weighted, sumsq = normed if normed is not None else norm_fusion.norm_inputs(x, weight)
+        return weighted, sumsq, eps
 
     def _residual(
         self,

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from llmopt.quant import native_build
-from llmopt.quant.kernels import LayerShape, QuantKernel
+from llmopt.quant.kernels import LayerShape, QuantKernel, stack_channels
 from llmopt.quant.native_build import BuildError, build_folder, tool_version
 
 BLOCK = 16  # output channels per packed block (the kernel's vector width in fp32 lanes)
@@ -232,10 +232,18 @@ class CpuInt8Kernel(QuantKernel):
     def matmul(self, x, buffers, shape):
         return torch.ops.llmopt.int8_linear_cpu(x, buffers["weight_packed"], buffers["scales"])
 
-    def concat(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """One layer from several over the same input (fused q/k/v, gate/up): output channels in order."""
-        q = torch.cat([unpack_int8(p["weight_packed"], p["scales"].shape[0]) for p in parts])
-        return {"weight_packed": pack_int8(q), "scales": torch.cat([p["scales"] for p in parts])}
+    def concat(
+        self, parts: list[dict[str, torch.Tensor]], interleave: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """One layer from several over the same input (fused q/k/v, gate/up): output channels in order,
+        or interleaved (``stack_channels``)."""
+        q = stack_channels(
+            [unpack_int8(p["weight_packed"], p["scales"].shape[0]) for p in parts], 0, interleave
+        )
+        return {
+            "weight_packed": pack_int8(q),
+            "scales": stack_channels([p["scales"] for p in parts], 0, interleave),
+        }
 
 
 def available() -> list[QuantKernel]:

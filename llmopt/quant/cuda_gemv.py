@@ -118,6 +118,7 @@ class Fusion(ctypes.Structure):
         ("partials", ctypes.c_void_p),
         ("sumsq_out", ctypes.c_void_p),
         ("counter", ctypes.c_void_p),
+        ("gated", ctypes.c_int),
     ]
 
 
@@ -296,6 +297,18 @@ def fused_max_rows(x_dtype: torch.dtype, weight: torch.Tensor, k: int, group: in
     return rows
 
 
+def gated_max_rows(x_dtype: torch.dtype, weight: torch.Tensor, k: int, group: int | None = None) -> int:
+    """Up to how many rows the engine runs this layer (interleaved gate/up channels) through ``fused_gemv``
+    with ``gated``: wherever the CUDA kernels take it (from one row) and N is even, 0 elsewhere. Called when a
+    model is built (it reads the weight's address), not under torch.compile."""
+    if weight.shape[0] % 2 != 0 or not _layer_runs_here(x_dtype, weight):
+        return 0
+    rows = 0
+    while rows < MAX_ROWS and fused_kernel_takes(rows + 1, weight.shape[0], k, group):
+        rows += 1
+    return rows
+
+
 def fused_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -311,15 +324,20 @@ def fused_gemv(
     weighted: torch.Tensor | None = None,
     sumsq_out: torch.Tensor | None = None,
     counter: torch.Tensor | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """``int8_gemv`` (``zero`` None) or ``int4_gemv`` with a norm and residual folded in (``norm_fusion``):
     the sums times each row's ``rsqrt(sumsq_in / K + eps)`` (sumsq_in (M,) fp32); plus ``residual``; and
     with ``norm_weight``, ``weighted = out * norm_weight`` and each row's sum of out² into ``sumsq_out``
     (M,) fp32, which takes ``counter``: one int32, zero before the call and zero again after it (a
-    workspace of the layer's; one call at a time). All tensors contiguous on x's device."""
+    workspace of the layer's; one call at a time). ``gated``: the weight's channels are interleaved gate/up
+    pairs and out (M, N/2) gets ``norm_fusion.silu_product`` of the outputs (no residual or norm_weight then).
+    All tensors contiguous on x's device."""
     x = _aligned(x)
     (m, k), n = x.shape, weight.shape[0]
     assert x.is_cuda and fused_kernel_takes(m, n, k, None if zero is None else group)
+    assert not gated or (n % 2 == 0 and residual is None and norm_weight is None)
+    assert out.shape == (m, n // 2 if gated else n)
     lib = _library(x.device.index or 0)
     assert lib is not None
     partials = None
@@ -334,7 +352,7 @@ def fused_gemv(
 
     fusion = Fusion(
         pointer(sumsq_in), eps, pointer(residual), pointer(norm_weight), pointer(weighted),
-        pointer(partials), pointer(sumsq_out), pointer(counter),
+        pointer(partials), pointer(sumsq_out), pointer(counter), int(gated),
     )  # fmt: skip
     _set_launch_mode(lib, x.device.index or 0)
     with torch.cuda.device(x.device):
@@ -343,7 +361,7 @@ def fused_gemv(
             _DTYPE_CODES[scale.dtype], pointer(zero), out.data_ptr(), m, n, k, group, x.stride(0),
             out.stride(0), ctypes.byref(fusion), _stream(x),
         )  # fmt: skip
-    _check(code, "fused int4" if zero is not None else "fused int8")
+    _check(code, ("gated " if gated else "fused ") + ("int4" if zero is not None else "int8"))
     return out
 
 

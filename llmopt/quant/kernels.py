@@ -52,9 +52,12 @@ class QuantKernel(ABC):
     def matmul(self, x: torch.Tensor, buffers: dict[str, torch.Tensor], shape: LayerShape) -> torch.Tensor:
         """x (M, K) → (M, N) in x's dtype."""
 
-    def concat(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+    def concat(
+        self, parts: list[dict[str, torch.Tensor]], interleave: bool = False
+    ) -> dict[str, torch.Tensor] | None:
         """One layer's buffers from several layers over the same input, stacked along N (how the
-        engine fuses q/k/v and gate/up), or None where this kernel's layout cannot be stacked."""
+        engine fuses q/k/v and gate/up; ``interleave``: their channels alternate, ``stack_channels``),
+        or None where this kernel's layout cannot be stacked."""
         return None
 
     # A norm and residual folded into the matmul (llmopt/quant/norm_fusion.py). The defaults do the same
@@ -64,6 +67,22 @@ class QuantKernel(ABC):
         """Up to how many rows ``matmul_normed`` / ``matmul_residual`` run fused (0: never). Asked once,
         when a model is built."""
         return 0
+
+    def gated_rows(self, buffers: dict[str, torch.Tensor], shape: LayerShape, dtype: torch.dtype) -> int:
+        """Up to how many rows ``matmul_gated`` computes the SiLU product in the kernel (0: never; its
+        norm, if given, within ``fused_norm_rows``). Asked once, when a model is built."""
+        return 0
+
+    def matmul_gated(self, x: torch.Tensor, buffers: dict[str, torch.Tensor], shape: LayerShape,
+                     sumsq: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:  # fmt: skip
+        """x (M, K) → ``silu(gate) * up`` (M, N/2) of a layer whose channels are interleaved gate/up pairs
+        (``norm_fusion.silu_product``); over ``norm(h)`` given ``sumsq`` (as ``matmul_normed``)."""
+        y = (
+            self.matmul(x, buffers, shape)
+            if sumsq is None
+            else self.matmul_normed(x, buffers, shape, sumsq, eps)
+        )
+        return norm_fusion.silu_product(y)
 
     def matmul_normed(self, x: torch.Tensor, buffers: dict[str, torch.Tensor], shape: LayerShape,
                       sumsq: torch.Tensor, eps: float) -> torch.Tensor:  # fmt: skip
@@ -79,11 +98,22 @@ class QuantKernel(ABC):
         return norm_fusion.add_residual(self.matmul(x, buffers, shape), residual, norm_weight)
 
 
+def stack_channels(tensors: list[torch.Tensor], dim: int = 0, interleave: bool = False) -> torch.Tensor:
+    """Several layers' per-channel tensors as one layer's, channels along ``dim``: one layer's after
+    another, or interleaved (channel ``len(tensors) * c + i`` is layer i's channel c; equal sizes)."""
+    if not interleave:
+        return torch.cat(tensors, dim)
+    assert len({t.shape for t in tensors}) == 1, "interleaved layers have the same shape"
+    return torch.stack(tensors, dim + 1).flatten(dim, dim + 1).contiguous()
+
+
 class RowMajorQuantKernel(QuantKernel, ABC):
     """A kernel whose buffers all hold one row per output channel: layers stack by concatenation."""
 
-    def concat(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
-        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    def concat(
+        self, parts: list[dict[str, torch.Tensor]], interleave: bool = False
+    ) -> dict[str, torch.Tensor] | None:
+        return {name: stack_channels([p[name] for p in parts], 0, interleave) for name in parts[0]}
 
 
 CPU_FP32_DEQUANT_MIN_ROWS = 64  # at 1,024 rows both paths take ~25 ms for 1536x576 on 2 cores (BENCHMARKS.md)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from llmopt.quant import norm_fusion
-from llmopt.quant.kernels import LayerShape, QuantKernel, select_kernel
+from llmopt.quant.kernels import LayerShape, QuantKernel, select_kernel, stack_channels
 
 
 class QuantLinear(nn.Module):
@@ -29,6 +29,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._fused_rows = 0  # fused_norm_rows' answer, once asked
+        self._gated_rows = 0  # gated_rows' answer, once asked
 
     @classmethod
     def from_quantized(
@@ -49,9 +50,10 @@ class QuantLinear(nn.Module):
         return cls(shape, kernel, buffers, bias)
 
     @classmethod
-    def fuse(cls, layers: list[QuantLinear]) -> QuantLinear | None:
-        """One QuantLinear computing several layers over the same input (outputs side by side), or
-        None when they differ in scheme, group or kernel, or the kernel's layout does not stack."""
+    def fuse(cls, layers: list[QuantLinear], interleave: bool = False) -> QuantLinear | None:
+        """One QuantLinear computing several layers over the same input (outputs side by side, or with
+        ``interleave`` alternating channel by channel: ``kernels.stack_channels``), or None when they differ
+        in scheme, group or kernel (or in size, to interleave), or the kernel's layout does not stack."""
         first = layers[0]
         same = all(
             layer.kernel is first.kernel
@@ -59,18 +61,18 @@ class QuantLinear(nn.Module):
             == (first.shape.scheme, first.in_features, first.shape.group_size)
             for layer in layers
         )
-        if not same:
+        if not same or (interleave and len({layer.out_features for layer in layers}) > 1):
             return None
-        buffers = first.kernel.concat([layer.kernel_buffers() for layer in layers])
+        buffers = first.kernel.concat([layer.kernel_buffers() for layer in layers], interleave=interleave)
         if buffers is None:
             return None
         bias = None
         present = [layer.bias for layer in layers if layer.bias is not None]
         if present:
-            bias = torch.cat([
+            bias = stack_channels([
                 layer.bias.detach() if layer.bias is not None else present[0].new_zeros(layer.out_features)
                 for layer in layers
-            ])  # fmt: skip
+            ], 0, interleave)  # fmt: skip
         out_features = sum(layer.out_features for layer in layers)
         shape = LayerShape(first.shape.scheme, first.in_features, out_features, first.shape.group_size)
         return cls(shape, first.kernel, buffers, bias)
@@ -120,6 +122,30 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+    def gated_rows(self, dtype: torch.dtype) -> int:
+        """Up to how many rows of ``dtype`` activations ``forward_gated`` computes the SiLU product inside the
+        kernel (a layer of interleaved gate/up channels, no bias; unless LLMOPT_FUSED_SILU=0). Read once, when
+        the model is built, and kept (as ``fused_norm_rows``)."""
+        rows = 0
+        if self.bias is None and norm_fusion.silu_enabled():
+            rows = self.kernel.gated_rows(self.kernel_buffers(), self.shape, dtype)
+        self._gated_rows = rows
+        return rows
+
+    def forward_gated(
+        self, x: torch.Tensor, sumsq: torch.Tensor | None = None, eps: float = 0.0
+    ) -> torch.Tensor:
+        """``silu(gate) * up`` of this layer of interleaved gate/up channels (``norm_fusion.silu_product``),
+        over x or, given ``sumsq``, over ``norm(h)`` (x = h * w, as ``forward_normed``). In the kernel up to
+        ``gated_rows`` rows (and, with a norm, ``fused_norm_rows``), the same arithmetic past them."""
+        lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features)
+        rows = x2.shape[0]
+        if rows <= self._gated_rows and (sumsq is None or rows <= self._fused_rows):
+            y = self.kernel.matmul_gated(x2, self.kernel_buffers(), self.shape, sumsq, eps)
+        else:
+            y = norm_fusion.silu_product(self(x2) if sumsq is None else self.forward_normed(x2, sumsq, eps))
+        return y.reshape(*lead, self.out_features // 2)
 
     def forward_residual(
         self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor | None

@@ -15,6 +15,12 @@ needs a ticket counter, ``new_counter``, one per layer); the functions here are 
 torch, which any kernel uses (``QuantKernel.matmul_normed`` / ``matmul_residual``) and the GPU check
 compares the CUDA kernels with. The chain starts from a plain ``h`` with ``norm_inputs`` (the first
 layer, or after a layer that does not fuse). ``LLMOPT_FUSED_NORM=0`` turns the fused path off (A/B runs).
+
+The MLP's ``silu(gate) * up`` folds into its gate/up matmul the same way: the engine stacks gate's and
+up's channels interleaved (``kernels.stack_channels``), so each output pair is one of the kernel's channel
+pairs, and the kernel writes ``silu_product`` of its outputs, half as wide (``cuda_gated_matmul``; also
+after a folded-in norm). That saves the standalone SiLU-product kernel per layer. ``LLMOPT_FUSED_SILU=0``
+turns it off (A/B runs).
 """
 
 from __future__ import annotations
@@ -22,15 +28,27 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from llmopt.quant import cuda_gemv
 
 DISABLE_ENV = "LLMOPT_FUSED_NORM"
+DISABLE_SILU_ENV = "LLMOPT_FUSED_SILU"
 Fused = tuple[torch.Tensor, torch.Tensor]  # (h * w, sumsq): a norm's input, as a fused matmul takes it
 
 
 def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "1") != "0"
+
+
+def silu_enabled() -> bool:
+    return os.environ.get(DISABLE_SILU_ENV, "1") != "0"
+
+
+def silu_product(y: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of an output whose last dimension interleaves gate and up (2c: gate's channel
+    c, 2c + 1: up's), half as wide."""
+    return F.silu(y[..., 0::2]) * y[..., 1::2]
 
 
 def new_counter(device: torch.device) -> torch.Tensor:
@@ -77,10 +95,10 @@ def add_residual(
 # declared mutation would make torch.compile copy it around every call.
 
 
-def _cuda_normed(x, weight, scale, zero, group, sumsq, eps):
-    out = x.new_empty((x.shape[0], weight.shape[0]))
-    sumsq = sumsq.contiguous()
-    return cuda_gemv.fused_gemv(x, weight, scale, zero, group, out, sumsq_in=sumsq, eps=eps)
+def _cuda_normed(x, weight, scale, zero, group, sumsq, eps, gated=False):
+    out = x.new_empty((x.shape[0], weight.shape[0] // (2 if gated else 1)))
+    sumsq = None if sumsq is None else sumsq.contiguous()
+    return cuda_gemv.fused_gemv(x, weight, scale, zero, group, out, sumsq_in=sumsq, eps=eps, gated=gated)
 
 
 def _cuda_residual(x, weight, scale, zero, group, residual, norm_weight, counter):
@@ -104,15 +122,16 @@ def _normed_op(
     scale: torch.Tensor,
     zero: torch.Tensor | None,
     group: int,
-    sumsq: torch.Tensor,
+    sumsq: torch.Tensor | None,
     eps: float,
+    gated: bool = False,
 ) -> torch.Tensor:
-    return _cuda_normed(x, weight, scale, zero, group, sumsq, eps)
+    return _cuda_normed(x, weight, scale, zero, group, sumsq, eps, gated)
 
 
 @_normed_op.register_fake
-def _(x, weight, scale, zero, group, sumsq, eps):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+def _(x, weight, scale, zero, group, sumsq, eps, gated=False):
+    return x.new_empty((x.shape[0], weight.shape[0] // (2 if gated else 1)))
 
 
 @torch.library.custom_op("llmopt::gemv_residual", mutates_args=())
@@ -146,6 +165,16 @@ def cuda_normed_matmul(
 ) -> torch.Tensor:  # fmt: skip
     """``scale_rows(x @ dequant(W).T, ...)`` in one CUDA decode kernel (``cuda_gemv.fused_max_rows`` rows)."""
     args = (x, weight, scale, zero, group, sumsq, eps)
+    return torch.ops.llmopt.gemv_normed(*args) if torch.compiler.is_compiling() else _cuda_normed(*args)
+
+
+def cuda_gated_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+    sumsq: torch.Tensor | None = None, eps: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
+    """``silu_product(x @ dequant(W).T)`` in one CUDA decode kernel (``cuda_gemv.gated_max_rows`` rows), over
+    ``norm(h)`` given ``sumsq`` (as ``cuda_normed_matmul``)."""
+    args = (x, weight, scale, zero, group, sumsq, eps, True)
     return torch.ops.llmopt.gemv_normed(*args) if torch.compiler.is_compiling() else _cuda_normed(*args)
 
 

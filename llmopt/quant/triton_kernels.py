@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from llmopt.quant import cuda_gemv, cutlass_gemm, norm_fusion
-from llmopt.quant.kernels import LayerShape, QuantKernel, RowMajorQuantKernel
+from llmopt.quant.kernels import LayerShape, QuantKernel, RowMajorQuantKernel, stack_channels
 
 try:
     import triton
@@ -652,6 +652,14 @@ class TritonInt8Kernel(RowMajorQuantKernel):
         args = (buffers["weight_int8"], buffers["scales"], None, 0)
         return norm_fusion.cuda_normed_matmul(x, *args, sumsq, eps)
 
+    def gated_rows(self, buffers, shape, dtype):
+        return cuda_gemv.gated_max_rows(dtype, buffers["weight_int8"], shape.in_features)
+
+    def matmul_gated(self, x, buffers, shape, sumsq=None, eps=0.0):
+        return norm_fusion.cuda_gated_matmul(
+            x, buffers["weight_int8"], buffers["scales"], None, 0, sumsq, eps
+        )
+
     def matmul_residual(self, x, buffers, shape, residual, norm_weight, counter=None):
         assert counter is not None
         args = (buffers["weight_int8"], buffers["scales"], None, 0)
@@ -697,9 +705,14 @@ class TritonInt4Kernel(RowMajorQuantKernel):
             buffers |= dict(zip(GROUP_MAJOR, copies, strict=True))
         return buffers
 
-    def concat(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+    def concat(
+        self, parts: list[dict[str, torch.Tensor]], interleave: bool = False
+    ) -> dict[str, torch.Tensor] | None:
         """As RowMajorQuantKernel's, but the group-major copies (K/G, N) stack along their columns."""
-        return {name: torch.cat([p[name] for p in parts], dim=int(name in GROUP_MAJOR)) for name in parts[0]}
+        return {
+            name: stack_channels([p[name] for p in parts], int(name in GROUP_MAJOR), interleave)
+            for name in parts[0]
+        }
 
     def matmul(self, x, buffers, shape):
         assert shape.group_size is not None
@@ -718,6 +731,12 @@ class TritonInt4Kernel(RowMajorQuantKernel):
 
     def matmul_normed(self, x, buffers, shape, sumsq, eps):
         return norm_fusion.cuda_normed_matmul(x, *self._fused_args(buffers, shape), sumsq, eps)
+
+    def gated_rows(self, buffers, shape, dtype):
+        return cuda_gemv.gated_max_rows(dtype, buffers["weight_int4"], shape.in_features, shape.group_size)
+
+    def matmul_gated(self, x, buffers, shape, sumsq=None, eps=0.0):
+        return norm_fusion.cuda_gated_matmul(x, *self._fused_args(buffers, shape), sumsq, eps)
 
     def matmul_residual(self, x, buffers, shape, residual, norm_weight, counter=None):
         assert counter is not None

@@ -65,6 +65,7 @@ struct Fusion {
   float* partials;          // [m, ceil(n / 8)]: workspace for the sums of h^2 per 8 channels
   float* sumsq_out;         // [m]
   unsigned int* counter;    // zero before the launch; zero again after it (the last block resets it)
+  int gated;                // nonzero: channels 2c, 2c + 1 are an MLP's gate and up; out[m, c] = silu(gate) * up
 };
 
 namespace {
@@ -204,6 +205,11 @@ struct Team {
 // whichever block is last, so the result is the same on every run.
 constexpr int kPartialChannels = 8;
 
+// Whether a call folds a norm or a residual in (the kFused kernels), not only the SiLU product.
+__host__ __device__ inline bool folds_norm(const Fusion& f) {
+  return f.sumsq_in != nullptr || f.residual != nullptr || f.norm_weight != nullptr;
+}
+
 // The consumer's start: threads 0 .. m_rows - 1 copy their row's sum of squares into sumsq[] (cp.async, 4
 // bytes). Before reading sumsq: norm_sums_wait() in every thread, then a __syncthreads.
 __device__ __forceinline__ void norm_sums_fetch(const Fusion& f, int m_rows, float* sumsq) {
@@ -276,6 +282,19 @@ __device__ __forceinline__ float fused_store(const Fusion& f, float value, int r
   return h * h;
 }
 
+// ---- The SiLU product folded into the gate/up matmul (Fusion::gated) ----
+// An MLP computes silu(gate(x)) * up(x). With gate's and up's weight rows interleaved (channel 2c is gate's c,
+// 2c + 1 up's c: llmopt stacks them so), the two sums of an output pair end in lanes `mask` apart; the even one
+// writes silu(gate) * up into column c of an output half as wide. Each sum is rounded to T first, as a matmul's
+// output is, and the product once, as torch.compile's fused kernel does. Saves the standalone SiLU-product kernel
+// and its launch per layer, and half the matmul's writes. Every lane of the warp must call it.
+template <typename T>
+__device__ __forceinline__ float gated_product(float value, int mask) {
+  const float mine = to_float(from_float<T>(value));
+  const float partner = __shfl_xor_sync(0xFFFFFFFFu, mine, mask);
+  return mine / (1.0f + expf(-mine)) * partner;  // (in the even lane: silu(gate) * up)
+}
+
 // x[m, k0 .. k0+7] as four words of packed 16-bit pairs (zeros past the row count).
 template <typename T, int M>
 __device__ __forceinline__ void load_x8(const T* x, int64_t ldx, int m_rows, int k0, uint4 (&dst)[M]) {
@@ -345,24 +364,30 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(const T* __restrict
   allow_next_kernel();  // after the main loop (the header says why)
   const float total = team_sum<R, M, KSPLIT>(acc, partial);
   const int lane = threadIdx.x & 31, r = lane / M, m = lane % M;
+  const bool mine = lane < R * M && m < m_rows && team.n0 + r < n;  // lane (r, m) holds an output
   if constexpr (kFused) {
     norm_sums_wait();
     __syncthreads();  // norm_sumsq
-    if (!team.writer) return;
-    float squares = 0.0f;
-    if (lane < R && team.n0 + r < n) {
-      float value = total * load_scalar(scale, team.n0 + r, scale_dtype);
-      if (fusion.sumsq_in != nullptr) value *= row_rstd(norm_sumsq, 0, k, fusion.eps);
-      squares = fused_store<T>(fusion, value, team.n0 + r, 0, n, out, ldo);
-    }
+  }
+  if (!team.writer) return;
+  float value = mine ? total * load_scalar(scale, team.n0 + r, scale_dtype) : 0.0f;
+  if (kFused && fusion.sumsq_in != nullptr) value *= row_rstd(norm_sumsq, 0, k, fusion.eps);
+  if (fusion.gated) {  // (R is even: a team's channel pairs are lanes M apart)
+    value = gated_product<T>(value, M);
+    if (mine && r % 2 == 0) out[m * ldo + (team.n0 + r) / 2] = from_float<T>(value);
+    return;
+  }
+  if constexpr (kFused) {
+    const float squares = mine ? fused_store<T>(fusion, value, team.n0 + r, 0, n, out, ldo) : 0.0f;
     if (fusion.norm_weight != nullptr) {
+      float sum = squares;
 #pragma unroll
-      for (int offset = 1; offset < R; offset <<= 1) squares += __shfl_xor_sync(0xFFFFFFFFu, squares, offset);
-      if (lane == 0) fusion.partials[blockIdx.x] = squares;
+      for (int offset = 1; offset < R; offset <<= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+      if (lane == 0) fusion.partials[blockIdx.x] = sum;
       norm_sums_finish(fusion, gridDim.x, 1);
     }
-  } else if (team.writer && lane < R * M && m < m_rows && team.n0 + r < n) {
-    out[m * ldo + team.n0 + r] = from_float<T>(total * load_scalar(scale, team.n0 + r, scale_dtype));
+  } else if (mine) {
+    out[m * ldo + team.n0 + r] = from_float<T>(value);
   }
 }
 
@@ -633,14 +658,14 @@ __device__ __forceinline__ void mma_chunk(const uint4& wa, const uint4& wb, unsi
 }
 
 // Sum the warps' tiles in warp order and write the block's 16 channels x m_rows outputs (int8: times
-// the channel's scale).
+// the channel's scale); with fusion.gated, their 8 SiLU products.
 // kFused: with `fusion`'s norm and residual (rstd from norm_sumsq; a block's 16 channels are two partials).
-template <typename T, int kMode, int NT, int WARPS, bool kFused>
+template <typename T, int kMode, int NT, int WARPS, bool kFused, bool kGated>
 __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)[32][NT * 4], int row_a, int row_b,
                                            int n, int m_rows, int k, const void* __restrict__ scale, int scale_dtype,
                                            T* __restrict__ out, int64_t ldo, const Fusion& fusion,
                                            const float* norm_sumsq) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tig = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
   if constexpr (WARPS > 1) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -664,7 +689,19 @@ __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)
     s_a = row_a < n ? load_scalar(scale, row_a, scale_dtype) : 0.0f;
     s_b = row_b < n ? load_scalar(scale, row_b, scale_dtype) : 0.0f;
   }
-  if constexpr (kFused) {
+  if constexpr (kGated) {  // channel pairs (g even, g + 1): lanes 4 apart
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = i < 2 ? row_a : row_b, col = t * 8 + 2 * tig + (i & 1);
+        float value = acc[t][i] * (i < 2 ? s_a : s_b);
+        if (kFused && fusion.sumsq_in != nullptr) value *= row_rstd(norm_sumsq, min(col, m_rows - 1), k, fusion.eps);
+        value = gated_product<T>(value, 4);
+        if ((g & 1) == 0 && row < n && col < m_rows) out[col * ldo + row / 2] = from_float<T>(value);
+      }
+    }
+  } else if constexpr (kFused) {
     static_assert(WARPS > 1, "norm_sumsq is read after the warps' __syncthreads");
     float squares[NT][4] = {};
 #pragma unroll
@@ -708,7 +745,9 @@ __device__ __forceinline__ void mma_finish(float (&acc)[NT][4], float (*partial)
 
 // Weights read straight into registers: each thread loads its fragments' 16-byte pieces (16 rows x 64
 // bytes per warp load) of U chunks, and the next U chunks' before working on these.
-template <typename T, typename S, int kMode, int NT, int WARPS, int U, bool kFused = false>
+// kGated: the SiLU product (Fusion::gated; its own instances: a run-time switch in the plain kernel made ptxas give
+// int4's 16-warp kernel 74 registers instead of 64, one block per SM instead of two).
+template <typename T, typename S, int kMode, int NT, int WARPS, int U, bool kFused = false, bool kGated = false>
 __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
                                                             const void* __restrict__ scale, int scale_dtype,
                                                             const uint8_t* __restrict__ zero, T* __restrict__ out,
@@ -759,7 +798,7 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
     }
   }
   if constexpr (kFused) norm_sums_wait();
-  mma_finish<T, kMode, NT, WARPS, kFused>(acc, partial, row_a, row_b, n, m_rows, k, scale, scale_dtype, out, ldo,
+  mma_finish<T, kMode, NT, WARPS, kFused, kGated>(acc, partial, row_a, row_b, n, m_rows, k, scale, scale_dtype, out, ldo,
                                           fusion, norm_sumsq);
 }
 
@@ -794,6 +833,10 @@ cudaError_t launch_mma_shape(const void* x, const void* w, const void* scale, in
   const auto* zt = static_cast<const uint8_t*>(zero);
   if (fusion != nullptr) {
     const bool after_norm = fusion->sumsq_in != nullptr;  // (the header: programmatic launch)
+    if (fusion->gated) {  // (after a norm at most: the kernel scales by its rstd)
+      return launch(mma_gemv_kernel<T, S, kMode, NT, WARPS, U, true, true>, grid, WARPS * 32, stream, after_norm, xt,
+                    wt, scale, scale_dtype, zt, static_cast<T*>(out), m, n, k, shift, ldx, ldo, *fusion);
+    }
     return launch(mma_gemv_kernel<T, S, kMode, NT, WARPS, U, true>, grid, WARPS * 32, stream, after_norm, xt, wt,
                   scale, scale_dtype, zt, static_cast<T*>(out), m, n, k, shift, ldx, ldo, *fusion);
   }
@@ -915,10 +958,15 @@ cudaError_t launch_int8_fused(const void* x, const void* w, const void* scale, i
   if constexpr (kInt8CoreFuses) {
     using S = Int8Shape<1>;
     const dim3 grid((n + S::kRowsPerBlock - 1) / S::kRowsPerBlock);
+    const auto* xt = static_cast<const T*>(x);
+    const auto* wt = static_cast<const int8_t*>(w);
+    if (!folds_norm(fusion)) {  // the SiLU product only: the plain kernel does it
+      return launch(int8_gemv_kernel<T, S::R, 1, S::U, S::KSPLIT>, grid, kThreads, stream, false, xt, wt, scale,
+                    scale_dtype, static_cast<T*>(out), 1, n, k, ldx, ldo, fusion);
+    }
     const bool after_norm = fusion.sumsq_in != nullptr;  // (the header: programmatic launch)
-    return launch(int8_gemv_kernel<T, S::R, 1, S::U, S::KSPLIT, true>, grid, kThreads, stream, after_norm,
-                  static_cast<const T*>(x), static_cast<const int8_t*>(w), scale, scale_dtype, static_cast<T*>(out), 1,
-                  n, k, ldx, ldo, fusion);
+    return launch(int8_gemv_kernel<T, S::R, 1, S::U, S::KSPLIT, true>, grid, kThreads, stream, after_norm, xt, wt,
+                  scale, scale_dtype, static_cast<T*>(out), 1, n, k, ldx, ldo, fusion);
   } else {
     return cudaErrorInvalidValue;
   }
@@ -1018,8 +1066,10 @@ int llmopt_int4_gemv(const void* x, int x_dtype, const void* packed, const void*
 }
 
 // llmopt_int8_gemv (int4 = 0) or llmopt_int4_gemv (int4 = 1) with the norm and residual of `fusion` folded in
-// (see Fusion): int8 at one row on the CUDA cores (K a multiple of 16), else on the tensor cores (1-16 rows, K a
-// multiple of 64 for int8, 128 for int4); outputs contiguous (ldo = n) when a residual or norm is given.
+// (see Fusion), or the SiLU product of interleaved gate/up channels (Fusion::gated; out then has n / 2 columns,
+// ldo its leading dimension): int8 at one row on the CUDA cores (K a multiple of 16), else on the tensor cores
+// (1-16 rows, K a multiple of 64 for int8, 128 for int4); outputs contiguous (ldo = n) when a residual or norm is
+// given.
 int llmopt_fused_gemv(int int4, const void* x, int x_dtype, const void* w, const void* scale, int scale_dtype,
                       const void* zero, void* out, int m, int n, int k, int group, int64_t ldx, int64_t ldo,
                       const Fusion* fusion, void* stream) {
@@ -1031,6 +1081,10 @@ int llmopt_fused_gemv(int int4, const void* x, int x_dtype, const void* w, const
     return cudaErrorInvalidValue;
   }
   if ((fusion->residual != nullptr || fusion->norm_weight != nullptr) && ldo != n) return cudaErrorInvalidValue;
+  // The SiLU product: channel pairs (n even), after a norm at most (a gate/up matmul ends no residual branch).
+  if (fusion->gated && (n % 2 != 0 || fusion->residual != nullptr || fusion->norm_weight != nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool core = !int4 && m == 1 && kInt8CoreFuses && (INT8_MMA_FROM > 1 || k % 64 != 0);
   if (core && k % 16 != 0) return cudaErrorInvalidValue;
