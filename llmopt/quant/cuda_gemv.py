@@ -23,7 +23,8 @@ in the stream is the residual matmul that summed the norm's squares) is launched
 source's header explains it): it launches and starts its blocks during that matmul's tail, and waits for it
 before reading anything. ``LLMOPT_PDL=0`` launches it the ordinary way (A/B runs). ``LLMOPT_GEMV_DEFINES``
 (e.g. ``-DINT8_MMA_FROM=1``) adds -D flags to the build the library loads, to time a compile-time variant in
-the engine.
+the engine. ``fused_gemv(..., gated=True)`` also takes the MLP's SiLU product into the gate/up matmul
+(``norm_fusion`` explains the interleaved layout it needs).
 """
 
 from __future__ import annotations
