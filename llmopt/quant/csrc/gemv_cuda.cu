@@ -801,8 +801,8 @@ __global__ void __launch_bounds__(WARPS * 32) mma_gemv_kernel(const T* __restric
     }
   }
   if constexpr (kFused) norm_sums_wait();
-  mma_finish<T, kMode, NT, WARPS, kFused, kGated>(acc, partial, row_a, row_b, n, m_rows, k, scale, scale_dtype, out, ldo,
-                                          fusion, norm_sumsq);
+  mma_finish<T, kMode, NT, WARPS, kFused, kGated>(acc, partial, row_a, row_b, n, m_rows, k, scale, scale_dtype, out,
+                                                  ldo, fusion, norm_sumsq);
 }
 
 // Whether the matmuls after a folded-in norm launch programmatically (llmopt_set_programmatic_launch).
