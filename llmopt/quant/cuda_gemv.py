@@ -291,11 +291,7 @@ def fused_max_rows(x_dtype: torch.dtype, weight: torch.Tensor, k: int, group: in
     here. Called when a model is built (it reads the weight's address), not under torch.compile."""
     if not _layer_runs_here(x_dtype, weight):
         return 0
-    limit = FUSED_NORM_ROWS["int8" if group is None else "int4"]
-    rows = 0
-    while rows < limit and fused_kernel_takes(rows + 1, weight.shape[0], k, group):
-        rows += 1
-    return rows
+    return _fused_rows_up_to(FUSED_NORM_ROWS["int8" if group is None else "int4"], weight.shape[0], k, group)
 
 
 def gated_max_rows(x_dtype: torch.dtype, weight: torch.Tensor, k: int, group: int | None = None) -> int:
@@ -304,8 +300,13 @@ def gated_max_rows(x_dtype: torch.dtype, weight: torch.Tensor, k: int, group: in
     model is built (it reads the weight's address), not under torch.compile."""
     if weight.shape[0] % 2 != 0 or not _layer_runs_here(x_dtype, weight):
         return 0
+    return _fused_rows_up_to(MAX_ROWS, weight.shape[0], k, group)
+
+
+def _fused_rows_up_to(limit: int, n: int, k: int, group: int | None) -> int:
+    """The most rows, at most ``limit``, for which ``fused_kernel_takes`` holds from one row up."""
     rows = 0
-    while rows < MAX_ROWS and fused_kernel_takes(rows + 1, weight.shape[0], k, group):
+    while rows < limit and fused_kernel_takes(rows + 1, n, k, group):
         rows += 1
     return rows
 

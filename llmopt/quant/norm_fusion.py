@@ -164,8 +164,7 @@ def cuda_normed_matmul(
     sumsq: torch.Tensor, eps: float,
 ) -> torch.Tensor:  # fmt: skip
     """``scale_rows(x @ dequant(W).T, ...)`` in one CUDA decode kernel (``cuda_gemv.fused_max_rows`` rows)."""
-    args = (x, weight, scale, zero, group, sumsq, eps)
-    return torch.ops.llmopt.gemv_normed(*args) if torch.compiler.is_compiling() else _cuda_normed(*args)
+    return _normed_call(x, weight, scale, zero, group, sumsq, eps, False)
 
 
 def cuda_gated_matmul(
@@ -174,7 +173,11 @@ def cuda_gated_matmul(
 ) -> torch.Tensor:  # fmt: skip
     """``silu_product(x @ dequant(W).T)`` in one CUDA decode kernel (``cuda_gemv.gated_max_rows`` rows), over
     ``norm(h)`` given ``sumsq`` (as ``cuda_normed_matmul``)."""
-    args = (x, weight, scale, zero, group, sumsq, eps, True)
+    return _normed_call(x, weight, scale, zero, group, sumsq, eps, True)
+
+
+def _normed_call(*args) -> torch.Tensor:
+    """``llmopt::gemv_normed`` under torch.compile, the function itself in eager code."""
     return torch.ops.llmopt.gemv_normed(*args) if torch.compiler.is_compiling() else _cuda_normed(*args)
 
 
